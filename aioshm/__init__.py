@@ -1,0 +1,25 @@
+"""aioshm: an async inter-process channel over shared-memory slots.
+
+``tx, rx = aioshm.open_channel()`` gives a pair of handles; pass them to
+``multiprocessing.Process`` children and ``await tx.send(x)`` / ``await rx.recv()`` in
+any process, on asyncio or trio. numpy arrays cross as raw bytes.
+"""
+
+from ._channel import (
+    ChannelStatistics,
+    ReceiveChannel,
+    SendChannel,
+    items_sent,
+    open_channel,
+)
+from ._float_channel import FloatChannel
+
+__all__ = [
+    "ChannelStatistics",
+    "FloatChannel",
+    "ReceiveChannel",
+    "SendChannel",
+    "items_sent",
+    "open_channel",
+]
+__version__ = "0.1.0"

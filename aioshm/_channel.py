@@ -1,0 +1,683 @@
+"""Layer 5: the public handles: :func:`open_channel`, :class:`SendChannel`,
+:class:`ReceiveChannel`.
+
+Each operation has a non-blocking core (``*_nowait``) that does all or nothing, an async
+form that waits through the wait bridge (layer 3) when the core would block, and a
+blocking form (``*_blocking``) for code with no event loop. Messages are encoded
+(layer 4) before anything is taken from the channel, so a bad message fails with
+nothing sent and nothing held.
+
+**Cancellation.** An async operation either completes and returns, or raises the
+cancellation and did not happen: the only cancellation points are the waits before
+the operation, never the operation itself. This holds for anyio cancel scopes, trio,
+and native asyncio cancellation (``Task.cancel()``, ``asyncio.timeout``,
+``asyncio.wait_for``).
+
+**Scheduling.** An operation that can proceed at once never touches a thread. It yields
+to the event loop on one call in :data:`YIELD_EVERY` (a checkpoint, taken *before* the
+operation), so a task sending in a loop into a channel that never fills still lets the
+other tasks of its loop run, without paying for a checkpoint on every message.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+import weakref
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, Generic, NamedTuple, NoReturn, Self, TypeVar
+
+import numpy as np
+from anyio import BrokenResourceError, ClosedResourceError, WouldBlock
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.lowlevel import checkpoint
+
+from . import _ownership
+from ._codec import Encoded, array_layout, copy_into, copy_out, encode, finish, view
+from ._layout import HEADER_RESERVE
+from ._posix import Reentered, supported
+from ._shared import RECV, SEND
+from ._slotqueue import SlotQueue
+from ._wait import Hub
+
+__all__ = ["ChannelStatistics", "ReceiveChannel", "SendChannel", "open_channel"]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+T_contra = TypeVar("T_contra", contravariant=True)
+Array = np.ndarray[Any, np.dtype[Any]]
+
+#: An operation that can proceed at once yields to the event loop once in this many calls.
+YIELD_EVERY = 16
+
+
+class ChannelStatistics(NamedTuple):
+    """A snapshot of a channel, in the spirit of anyio's ``MemoryObjectStreamStatistics``.
+
+    Counts of handles are over every live process; counts of tasks are of this process.
+    """
+
+    #: messages published and not yet received
+    current_buffer_used: int
+    #: number of slots: messages that can be in flight at once
+    max_buffer_size: int
+    #: open send handles, in all processes
+    open_send_streams: int
+    #: open receive handles, in all processes
+    open_receive_streams: int
+    #: tasks and threads of this process waiting to send
+    tasks_waiting_send: int
+    #: tasks and threads of this process waiting to receive
+    tasks_waiting_receive: int
+    #: slots free to send into
+    free_slots: int
+    #: slots held outside the queue: loans, views, large copies in progress
+    slots_in_use: int
+    #: the largest encoded message a slot holds, in bytes
+    max_message_size: int
+    #: slots taken back from processes that died holding them (their message unsent)
+    reclaimed_slots: int
+    #: messages queued again because the process reading them died
+    redelivered_messages: int
+
+
+class _Channel:
+    """One process's view of a channel: the shared queue and this process's hubs."""
+
+    def __init__(self, queue: SlotQueue) -> None:
+        self.queue = queue
+        self.hubs = (Hub(queue, SEND), Hub(queue, RECV))
+        self.blocking = [0, 0]
+        self.local_handles = 0
+        _channels.add(self)
+
+    def reset_after_fork(self) -> None:
+        for hub in self.hubs:
+            hub.reset_after_fork()
+        self.blocking = [0, 0]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Channel, (self.queue,))
+
+    def opened(self) -> None:
+        self.local_handles += 1
+
+    def closed(self) -> None:
+        self.local_handles -= 1
+        if self.local_handles <= 0:
+            for hub in self.hubs:
+                hub.close()
+
+
+_channels: weakref.WeakSet[_Channel] = weakref.WeakSet()
+
+
+def _reset_channels_in_child() -> None:
+    for channel in list(_channels):
+        channel.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_channels_in_child)
+
+
+class _Handle:
+    """What send and receive handles share: ownership, closing, statistics."""
+
+    _side: int
+
+    def __init__(self, channel: _Channel, entry: int, owned: bool = True) -> None:
+        self._channel = channel
+        self._queue = channel.queue
+        self._hub = channel.hubs[self._side]
+        self._entry = entry
+        self._closed = False
+        self._owned = owned
+        self._lost = False
+        self._usable = owned
+        self._ticks = 0
+        channel.opened()
+        _ownership.track(self)
+
+    # -------------------------------------------------------------- state checks
+
+    def _raise_unusable(self) -> NoReturn:
+        name = type(self).__name__
+        if self._closed:
+            raise ClosedResourceError(f"this {name} has been closed")
+        if self._lost:
+            raise BrokenResourceError(
+                f"this {name} was handed to this process, but the reservation made for it "
+                "expired first (the parent died before this process started)"
+            )
+        raise ClosedResourceError(
+            f"this {name} was inherited through fork but not passed to this process: pass "
+            "it as an argument of multiprocessing.Process to use it in a child process"
+        )
+
+    async def _tick(self) -> None:
+        self._ticks += 1
+        if self._ticks >= YIELD_EVERY:
+            self._ticks = 0
+            await checkpoint()
+
+    # -------------------------------------------------------------- lifecycle
+
+    def clone(self) -> Self:
+        """Another handle to the same side of the channel, closed independently.
+
+        The side stays open until every clone, in every process, is closed.
+        """
+        if not self._usable:
+            self._raise_unusable()
+        self._queue.add_handle(self._entry, self._side)
+        return type(self)(self._channel, self._entry)
+
+    def close(self) -> None:
+        """Close this handle. Idempotent.
+
+        Tasks and threads of this process blocked on this handle get
+        ``ClosedResourceError``. Closing the last send handle in all processes ends the
+        stream for receivers (after what is buffered); closing the last receive handle
+        breaks the channel for senders.
+        """
+        if self._closed:
+            return
+        was_owned = self._owned
+        self._closed = True
+        self._usable = False
+        if was_owned:
+            self._release_ownership()
+        self._hub.wake_tagged(self)
+        if self._channel.blocking[self._side]:
+            self._queue.wake_all(self._side)
+        self._channel.closed()
+
+    async def aclose(self) -> None:
+        """Close this handle (see :meth:`close`)."""
+        self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _release_ownership(self) -> None:
+        self._owned = False
+        try:
+            self._queue.drop_handle(self._entry, self._side)
+        except Reentered:  # a finalizer inside this thread's critical section
+            self._queue.defer(functools.partial(self._queue.drop_handle, self._entry, self._side))
+
+    def __del__(self) -> None:
+        if getattr(self, "_owned", False) and not self._closed:
+            warnings.warn(
+                f"unclosed {self!r}: close it, or use it as a context manager",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+            self._closed = True
+            self._usable = False
+            self._release_ownership()
+
+    def statistics(self) -> ChannelStatistics:
+        """A snapshot of the channel (see :class:`ChannelStatistics`)."""
+        counters = self._queue.counters()
+        send_hub, recv_hub = self._channel.hubs
+        return ChannelStatistics(
+            current_buffer_used=counters.buffered,
+            max_buffer_size=counters.capacity,
+            open_send_streams=counters.open_send,
+            open_receive_streams=counters.open_receive,
+            tasks_waiting_send=send_hub.waiting + self._channel.blocking[SEND],
+            tasks_waiting_receive=recv_hub.waiting + self._channel.blocking[RECV],
+            free_slots=counters.free,
+            slots_in_use=counters.writing + counters.reading,
+            max_message_size=self._queue.max_message_size,
+            reclaimed_slots=counters.reclaimed,
+            redelivered_messages=counters.redelivered,
+        )
+
+    def _block(self, attempt: Any, timeout: float | None) -> Any:
+        blocking = self._channel.blocking
+        blocking[self._side] += 1
+        try:
+            return self._queue.block(self._side, attempt, timeout)
+        finally:
+            blocking[self._side] -= 1
+
+    # -------------------------------------------------------------- ownership
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self._channel, _ownership.reserve_for_spawn(self)))
+
+    def _reserve(self, popen: object) -> tuple[int, int] | None:
+        if not self._usable:
+            return None
+        opened = (1, 0) if self._side == SEND else (0, 1)
+        return self._queue.reserve(opened, popen)
+
+    def _claim(self, reservation: object) -> None:
+        entry, nonce = reservation  # type: ignore[misc]
+        self._entry = entry
+        self._owned = self._usable = self._queue.claim_reservation(entry, nonce)
+        self._lost = not self._owned
+        self._closed = False
+
+    def _disown(self) -> None:
+        self._owned = self._usable = False
+
+    def _close_at_exit(self) -> None:
+        if self._owned and not self._closed:
+            self._closed = True
+            self._usable = False
+            self._release_ownership()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._owned else "not owned"
+        queue = self._queue
+        return (
+            f"<{type(self).__name__} {state} capacity={queue.capacity} "
+            f"max_message_size={queue.max_message_size}>"
+        )
+
+
+def _rebuild(cls: type[_Handle], channel: _Channel, reservation: tuple[int, int]) -> _Handle:
+    handle = cls(channel, reservation[0], owned=False)
+    handle._claim(reservation)
+    return handle
+
+
+def _note_partial(exc: BaseException, sent: int) -> None:
+    exc.aioshm_items_sent = sent  # type: ignore[attr-defined]
+    exc.add_note(f"aioshm: {sent} item(s) of the batch were sent before this")
+
+
+def items_sent(exc: BaseException) -> int:
+    """How many items of a batch :meth:`SendChannel.send_many` sent before ``exc``.
+
+    0 means that the batch did not happen at all.
+    """
+    return int(getattr(exc, "aioshm_items_sent", 0))
+
+
+class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
+    """The sending end of a channel. Obtain one from :func:`open_channel`.
+
+    Pass it to other processes as an argument of ``multiprocessing.Process``.
+    """
+
+    _side = SEND
+
+    def _encode(self, item: object) -> Encoded:
+        return encode(item, self._queue.max_message_size)
+
+    def _put(self, message: Encoded) -> None:
+        if not self._usable:
+            self._raise_unusable()
+        self._queue.try_put(self._entry, message.length, message.write)
+
+    def send_nowait(self, item: T_contra) -> None:
+        """Send ``item`` if a slot is free, without waiting.
+
+        :raises anyio.WouldBlock: every slot is taken (nothing was sent)
+        :raises anyio.ClosedResourceError: this handle is closed
+        :raises anyio.BrokenResourceError: no receive handle is open in any process
+        :raises ValueError: ``item`` encodes to more than ``max_message_size`` bytes
+        :raises TypeError: ``item`` cannot be pickled
+        """
+        if not self._usable:
+            self._raise_unusable()
+        self._put(self._encode(item))
+
+    async def send(self, item: T_contra) -> None:
+        """Send ``item``, waiting for a free slot if there is none.
+
+        Raises as :meth:`send_nowait` does (but never ``WouldBlock``).
+
+        Cancellation: if cancelled, the item was not sent, and nothing is held for it.
+        """
+        await self._tick()
+        if not self._usable:
+            self._raise_unusable()
+        message = self._encode(item)
+        try:
+            self._queue.try_put(self._entry, message.length, message.write)
+        except WouldBlock:
+            await self._hub.retry(functools.partial(self._put, message), self)
+
+    def send_blocking(self, item: T_contra, timeout: float | None = None) -> None:
+        """Send ``item`` from code with no event loop, waiting up to ``timeout`` seconds.
+
+        :raises TimeoutError: no slot became free in time (nothing was sent)
+
+        Otherwise raises as :meth:`send_nowait`. Do not call it from an event loop's
+        thread: it blocks the thread.
+        """
+        if not self._usable:
+            self._raise_unusable()
+        self._block(functools.partial(self._put, self._encode(item)), timeout)
+
+    async def send_many(self, items: Iterable[T_contra]) -> None:
+        """Send every item, in order, taking one locked round for as many as fit.
+
+        Every item is encoded first, so a bad item fails the batch with nothing sent.
+
+        Cancellation: the batch can only be cancelled while it waits for room. If that
+        happens before the first round, nothing was sent. Otherwise the items of the
+        rounds already done stay sent (published messages cannot be recalled) and the
+        cancellation carries their number: see :func:`aioshm.items_sent`.
+        """
+        await self._tick()
+        if not self._usable:
+            self._raise_unusable()
+        limit = self._queue.max_message_size
+        batch = [(m.length, m.write) for m in (encode(item, limit) for item in items)]
+        sent = 0
+        try:
+            while sent < len(batch):
+                try:
+                    sent += self._put_many(batch, sent)
+                except WouldBlock:
+                    sent += await self._hub.retry(
+                        functools.partial(self._put_many, batch, sent), self
+                    )
+        except BaseException as exc:
+            if sent:
+                _note_partial(exc, sent)
+            raise
+
+    def _put_many(self, batch: Sequence[tuple[int, Any]], start: int) -> int:
+        if not self._usable:
+            self._raise_unusable()
+        return self._queue.try_put_many(self._entry, batch[start:])
+
+    def send_loan(self, shape: int | Sequence[int], dtype: Any = np.float64) -> _Loan:
+        """Loan a free slot as a writable array to fill in place: zero-copy send.
+
+        ``async with tx.send_loan(shape, dtype) as buf:`` waits like :meth:`send` for a
+        free slot and yields a C-contiguous array that lies in the slot itself. On a
+        normal exit the array is published as one message; on an exception or a
+        cancellation the slot is returned unpublished and nothing is sent.
+
+        While a loan is held, other senders and receivers carry on: the slot is simply
+        out of the pool. Do not use ``buf`` after the block: it is made read-only on
+        exit, so writes raise ``ValueError``, but reads see whatever the slot holds
+        later.
+
+        :raises ValueError: at once, if the array would exceed ``max_message_size``
+        """
+        return _Loan(self, shape, dtype)
+
+    def send_loan_blocking(
+        self, shape: int | Sequence[int], dtype: Any = np.float64, timeout: float | None = None
+    ) -> _Loan:
+        """The blocking form of :meth:`send_loan`: ``with tx.send_loan_blocking(...)``.
+
+        :raises TimeoutError: no slot became free within ``timeout`` seconds
+        """
+        return _Loan(self, shape, dtype, timeout)
+
+    def _claim_slot(self) -> int:
+        if not self._usable:
+            self._raise_unusable()
+        return self._queue.claim(self._entry)
+
+
+class _Loan:
+    """A slot loaned to a sender (see :meth:`SendChannel.send_loan`)."""
+
+    def __init__(
+        self,
+        tx: SendChannel[Any],
+        shape: int | Sequence[int],
+        dtype: Any,
+        timeout: float | None = None,
+    ) -> None:
+        self._tx = tx
+        self._dtype = np.dtype(dtype)
+        self._shape = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        self._header, self._offset = array_layout(self._dtype, self._shape, False)
+        self._length = self._offset + self._dtype.itemsize * math.prod(self._shape)
+        limit = tx._queue.max_message_size
+        if self._length - HEADER_RESERVE > limit:
+            raise ValueError(
+                f"an array of shape {self._shape} and dtype {self._dtype} encodes to "
+                f"{self._length - HEADER_RESERVE} bytes, more than the channel's "
+                f"max_message_size of {limit} bytes"
+            )
+        self._timeout = timeout
+        self._slot = -1
+        self._buf: Array | None = None
+
+    def _open(self, slot: int) -> Array:
+        self._slot = slot
+        memory = self._tx._queue.slot_memory(slot)
+        memory[: len(self._header)] = self._header
+        self._buf = np.ndarray(self._shape, self._dtype, buffer=memory, offset=self._offset)
+        return self._buf
+
+    def _close(self, publish: bool) -> None:
+        assert self._buf is not None
+        self._buf.flags.writeable = False
+        queue = self._tx._queue
+        if publish and not self._tx._usable:
+            queue.abandon(self._slot)
+            self._tx._raise_unusable()
+        if publish:
+            queue.publish(self._slot, self._length)
+        else:
+            queue.abandon(self._slot)
+
+    async def __aenter__(self) -> Array:
+        tx = self._tx
+        await tx._tick()
+        try:
+            slot = tx._claim_slot()
+        except WouldBlock:
+            slot = await tx._hub.retry(tx._claim_slot, tx)
+        return self._open(slot)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self._close(exc_type is None)
+
+    def __enter__(self) -> Array:
+        return self._open(self._tx._block(self._tx._claim_slot, self._timeout))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self._close(exc_type is None)
+
+
+class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
+    """The receiving end of a channel. Obtain one from :func:`open_channel`.
+
+    ``async for item in rx`` receives until the stream ends. Pass it to other
+    processes as an argument of ``multiprocessing.Process``.
+    """
+
+    _side = RECV
+
+    def _get(self) -> object:
+        if not self._usable:
+            self._raise_unusable()
+        return self._queue.try_get(self._entry, copy_out)
+
+    def receive_nowait(self) -> T_co:
+        """Receive the oldest message if there is one, without waiting.
+
+        :raises anyio.WouldBlock: nothing is buffered
+        :raises anyio.EndOfStream: nothing is buffered and no send handle is open in any
+            process
+        :raises anyio.ClosedResourceError: this handle is closed
+        """
+        return finish(self._get())  # type: ignore[no-any-return]
+
+    recv_nowait = receive_nowait
+
+    async def receive(self) -> T_co:
+        """Receive the oldest message, waiting for one if none is buffered.
+
+        Raises as :meth:`receive_nowait` does (but never ``WouldBlock``).
+
+        Cancellation: if cancelled, nothing was received: the message stays for the
+        next receiver.
+        """
+        await self._tick()
+        try:
+            value = self._get()
+        except WouldBlock:
+            value = await self._hub.retry(self._get, self)
+        return finish(value)  # type: ignore[no-any-return]
+
+    recv = receive
+
+    def recv_blocking(self, timeout: float | None = None) -> T_co:
+        """Receive from code with no event loop, waiting up to ``timeout`` seconds.
+
+        :raises TimeoutError: nothing arrived in time (nothing was received)
+
+        Otherwise raises as :meth:`receive_nowait`.
+        """
+        return finish(self._block(self._get, timeout))  # type: ignore[no-any-return]
+
+    receive_blocking = recv_blocking
+
+    async def recv_many(self, max_items: int) -> list[T_co]:
+        """Receive between 1 and ``max_items`` messages, in one locked round where they
+        are small, waiting only while none is buffered.
+
+        Cancellation: if cancelled, nothing was received.
+        """
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, not {max_items}")
+        await self._tick()
+        attempt = functools.partial(self._get_many, max_items)
+        try:
+            values = attempt()
+        except WouldBlock:
+            values = await self._hub.retry(attempt, self)
+        return [finish(value) for value in values]
+
+    def _get_many(self, max_items: int) -> list[object]:
+        if not self._usable:
+            self._raise_unusable()
+        return self._queue.try_get_many(self._entry, max_items, copy_out)
+
+    def recv_view(self) -> _View:
+        """Receive an array message without copying it.
+
+        ``async with rx.recv_view() as arr:`` waits like :meth:`receive`, then yields a
+        read-only array onto the slot in shared memory; the slot is released when the
+        block exits, however it exits. A bytes message comes as a 1-d ``uint8`` array.
+
+        The array is valid only inside the block: afterwards the slot may hold another
+        message. Copy what you keep (``arr.copy()``).
+
+        :raises TypeError: the next message is a pickled object; it stays at the head of
+            the channel for :meth:`receive`
+        """
+        return _View(self)
+
+    async def recv_into(self, out: Array) -> Array:
+        """Receive an array message into ``out`` and return ``out``.
+
+        :raises ValueError: the message's dtype or shape does not match ``out``
+        :raises TypeError: the next message is not an array or bytes
+
+        Either way the message stays at the head of the channel.
+        """
+        await self._tick()
+        try:
+            slot = self._take()
+        except WouldBlock:
+            slot = await self._hub.retry(self._take, self)
+        try:
+            copy_into(self._queue.slot_memory(slot), out)
+        except BaseException:
+            self._queue.put_back(slot)
+            raise
+        self._queue.release(slot)
+        return out
+
+    def _take(self) -> int:
+        if not self._usable:
+            self._raise_unusable()
+        return self._queue.take(self._entry)[0]
+
+
+class _View:
+    """A received message held in its slot (see :meth:`ReceiveChannel.recv_view`)."""
+
+    def __init__(self, rx: ReceiveChannel[Any]) -> None:
+        self._rx = rx
+        self._slot = -1
+
+    async def __aenter__(self) -> Array:
+        rx = self._rx
+        await rx._tick()
+        try:
+            slot = rx._take()
+        except WouldBlock:
+            slot = await rx._hub.retry(rx._take, rx)
+        try:
+            array = view(rx._queue.slot_memory(slot))
+        except BaseException:
+            rx._queue.put_back(slot)
+            raise
+        self._slot = slot
+        return array
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self._rx._queue.release(self._slot)
+
+
+class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):  # noqa: N801
+    """Open a channel and return its ``(send, receive)`` handles.
+
+    The item type can be given like anyio's memory streams:
+    ``tx, rx = open_channel[int](capacity=16)``.
+
+    :param capacity: number of slots: how many messages can be in flight at once
+    :param max_message_size: the largest encoded message one slot holds, in bytes (for
+        an array, its ``nbytes``)
+    :raises ValueError: a size is less than 1
+    """
+
+    def __new__(  # type: ignore[misc]
+        cls, capacity: int = 16, max_message_size: int = 65536
+    ) -> tuple[SendChannel[T], ReceiveChannel[T]]:
+        for name, value in (("capacity", capacity), ("max_message_size", max_message_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        if not supported():
+            raise OSError("aioshm needs Linux (robust process-shared mutexes)")
+        queue = SlotQueue.create(capacity, max_message_size)
+        channel = _Channel(queue)
+        entry = queue.register((1, 1))
+        return SendChannel[T](channel, entry), ReceiveChannel[T](channel, entry)

@@ -1,0 +1,475 @@
+"""Layer 2: the synchronous slot queue.
+
+The seed's one-slot empty/full buffer, generalised: ``capacity`` slots, any number of
+sending and receiving processes, and processes that die at any instant.
+
+* Free slots sit on a stack; published slots are queued on a ring in order of
+  publication. A slot that one sender holds (a loan, or a large copy in progress) is on
+  neither, so it never holds up anyone else.
+* Every slot is in one of four states, and each state says who is responsible for it::
+
+      FREE --claim--> WRITING(owner) --publish--> READY --take--> READING(owner) --release--> FREE
+                            \\--abandon--> FREE                          \\--put_back--> READY
+
+  ``READY`` slots are the ones on the ring. A slot in ``WRITING`` or ``READING`` names
+  the process-table entry that holds it, so a survivor can give it back when its holder
+  dies: a half-written slot is freed (never seen), a half-read one is queued again.
+* Small messages are copied with the mutex held, in one locked round per operation;
+  large ones are copied with the slot claimed and the mutex free, so that a sender and a
+  receiver copy in parallel.
+
+Operations that cannot proceed raise :class:`anyio.WouldBlock` and change nothing; the
+blocking forms and the async wait bridge (layer 3) sleep on the doorbells in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Final, NamedTuple, TypeVar
+
+from anyio import BrokenResourceError, EndOfStream, WouldBlock
+
+from ._layout import (
+    HEAD,
+    MAX_PROCS,
+    NFREE,
+    OPEN,
+    P_KIND,
+    PROC_FIELDS,
+    RECEIVED,
+    RECLAIMED,
+    REDELIVERED,
+    SENT,
+    SLOT_FIELDS,
+    SLOT_LENGTH,
+    SLOT_OWNER,
+    SLOT_STATE,
+    TAIL,
+    Segment,
+)
+from ._shared import INFINITE, RECV, SEND, SharedObject
+
+__all__ = ["LOCKED_COPY_LIMIT", "QueueCounters", "SlotQueue"]
+
+FREE: Final = 0
+WRITING: Final = 1
+READY: Final = 2
+READING: Final = 3
+
+#: Messages up to this size are copied with the mutex held (one locked round); larger
+#: ones are copied outside it, so that other processes are not held up meanwhile.
+LOCKED_COPY_LIMIT: Final = 64 * 1024
+
+T = TypeVar("T")
+Writer = Callable[[memoryview], object]
+Reader = Callable[[memoryview, int], T]
+
+_DONE, _FULL, _BROKEN, _EMPTY, _ENDED, _CLAIMED = range(6)
+
+
+class QueueCounters(NamedTuple):
+    buffered: int
+    capacity: int
+    open_send: int
+    open_receive: int
+    free: int
+    writing: int
+    reading: int
+    sent: int
+    received: int
+    reclaimed: int
+    redelivered: int
+
+
+class SlotQueue(SharedObject):
+    """A bounded MPMC queue of byte slots shared by processes; see the module docstring."""
+
+    def __init__(self, segment: Segment) -> None:
+        super().__init__(segment)
+        self.capacity = segment.layout.capacity
+        self.max_message_size = segment.layout.max_message_size
+        self._ring = segment.ring
+        self._free = segment.free
+        self._slots = segment.slots
+        self._payload = segment.payload
+
+    @classmethod
+    def create(cls, capacity: int, max_message_size: int) -> SlotQueue:
+        queue = cls(Segment.create(capacity, max_message_size))
+        with queue.critical():
+            for slot in range(capacity):
+                queue._free[slot] = slot
+            queue._ctl[NFREE] = capacity
+        return queue
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (SlotQueue, (self.segment,))
+
+    def payload_address(self, slot: int) -> int:
+        return self.segment.payload_address(slot)
+
+    # ------------------------------------------------------------ sending
+
+    def try_put(self, owner: int, length: int, write: Writer) -> None:
+        """Publish one message of ``length`` bytes that ``write`` copies into a slot.
+
+        Raises ``WouldBlock`` when every slot is taken and ``BrokenResourceError`` when
+        no receive handle is open; nothing is changed then.
+        """
+        ctl = self._ctl
+        self._lock()
+        try:
+            if ctl[OPEN + RECV] <= 0:
+                outcome = _BROKEN
+            elif ctl[NFREE] == 0:
+                outcome = _FULL
+            else:
+                n = ctl[NFREE] - 1
+                slot = self._free[n]
+                if length <= LOCKED_COPY_LIMIT:
+                    write(self._payload[slot])
+                    ctl[NFREE] = n
+                    self._publish_locked(slot, length)
+                    outcome = _DONE
+                else:
+                    ctl[NFREE] = n
+                    self._hold_locked(slot, WRITING, owner)
+                    outcome = _CLAIMED
+        except BaseException:
+            self._abort()
+            raise
+        self._unlock()
+        if outcome == _DONE:
+            return
+        if outcome == _CLAIMED:
+            self._fill_and_publish(slot, length, write)
+            return
+        self._raise_for(outcome)
+
+    def try_put_many(self, owner: int, messages: Sequence[tuple[int, Writer]]) -> int:
+        """Publish a prefix of ``messages`` in one locked round; return how many.
+
+        Takes as many as there are free slots. A large message is published on its own
+        (two rounds) and ends the prefix. Raises like :meth:`try_put` if none can go.
+        """
+        ctl = self._ctl
+        if not messages:
+            return 0
+        sent = 0
+        self._lock()
+        try:
+            if ctl[OPEN + RECV] <= 0:
+                outcome = _BROKEN
+            elif ctl[NFREE] == 0:
+                outcome = _FULL
+            else:
+                outcome = _DONE
+                for length, write in messages:
+                    n = ctl[NFREE] - 1
+                    if n < 0 or length > LOCKED_COPY_LIMIT:
+                        break
+                    slot = self._free[n]
+                    write(self._payload[slot])
+                    ctl[NFREE] = n
+                    self._publish_locked(slot, length)
+                    sent += 1
+        except BaseException:
+            self._abort()
+            raise
+        self._unlock()
+        if outcome != _DONE:
+            self._raise_for(outcome)
+        if sent == 0:
+            length, write = messages[0]
+            self.try_put(owner, length, write)
+            sent = 1
+        return sent
+
+    def claim(self, owner: int) -> int:
+        """Take a free slot for ``owner`` to fill (state ``WRITING``); return its number."""
+        ctl = self._ctl
+        self._lock()
+        try:
+            if ctl[OPEN + RECV] <= 0:
+                outcome = _BROKEN
+            elif ctl[NFREE] == 0:
+                outcome = _FULL
+            else:
+                n = ctl[NFREE] - 1
+                slot = self._free[n]
+                ctl[NFREE] = n
+                self._hold_locked(slot, WRITING, owner)
+                outcome = _DONE
+        except BaseException:
+            self._abort()
+            raise
+        self._unlock()
+        if outcome != _DONE:
+            self._raise_for(outcome)
+        return slot
+
+    def publish(self, slot: int, length: int) -> None:
+        """Publish a claimed slot. Raises ``BrokenResourceError`` (and frees the slot)
+        if no receive handle is open any more."""
+        with self.critical():
+            broken = self._ctl[OPEN + RECV] <= 0
+            if broken:
+                self._free_locked(slot)
+            else:
+                self._publish_locked(slot, length)
+        if broken:
+            raise BrokenResourceError
+
+    def abandon(self, slot: int) -> None:
+        """Give a claimed slot back unpublished."""
+        with self.critical():
+            self._free_locked(slot)
+
+    def _fill_and_publish(self, slot: int, length: int, write: Writer) -> None:
+        try:
+            write(self._payload[slot])
+        except BaseException:
+            self.abandon(slot)
+            raise
+        self.publish(slot, length)
+
+    # ------------------------------------------------------------ receiving
+
+    def try_get(self, owner: int, read: Reader[T]) -> T:
+        """Take the oldest message and return ``read(slot_memory, length)``.
+
+        Raises ``WouldBlock`` when none is buffered, ``EndOfStream`` when moreover no
+        send handle is open. ``read`` must not run user code: small messages are read
+        with the mutex held.
+        """
+        ctl = self._ctl
+        self._lock()
+        try:
+            head = ctl[HEAD]
+            if head == ctl[TAIL]:
+                outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
+            else:
+                slot = self._ring[head % self.capacity]
+                length = self._slots[slot * SLOT_FIELDS + SLOT_LENGTH]
+                if length <= LOCKED_COPY_LIMIT:
+                    value = read(self._payload[slot], length)
+                    ctl[HEAD] = head + 1
+                    self._free_locked(slot)
+                    ctl[RECEIVED] += 1
+                    outcome = _DONE
+                else:
+                    ctl[HEAD] = head + 1
+                    self._hold_locked(slot, READING, owner)
+                    outcome = _CLAIMED
+        except BaseException:
+            self._abort()
+            raise
+        self._unlock()
+        if outcome == _DONE:
+            return value
+        if outcome == _CLAIMED:
+            try:
+                value = read(self._payload[slot], length)
+            except BaseException:
+                self.put_back(slot)
+                raise
+            self.release(slot)
+            return value
+        self._raise_for(outcome)
+        raise AssertionError  # pragma: no cover
+
+    def try_get_many(self, owner: int, limit: int, read: Reader[T]) -> list[T]:
+        """Take up to ``limit`` small messages in one locked round (at least one).
+
+        A large message at the head is taken on its own. Raises like :meth:`try_get`
+        if none is buffered.
+        """
+        ctl = self._ctl
+        cap = self.capacity
+        values: list[T] = []
+        self._lock()
+        try:
+            head, tail = ctl[HEAD], ctl[TAIL]
+            if head == tail:
+                outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
+            else:
+                outcome = _DONE
+                while head < tail and len(values) < limit:
+                    slot = self._ring[head % cap]
+                    length = self._slots[slot * SLOT_FIELDS + SLOT_LENGTH]
+                    if length > LOCKED_COPY_LIMIT:
+                        break
+                    values.append(read(self._payload[slot], length))
+                    head += 1
+                    ctl[HEAD] = head
+                    self._free_locked(slot)
+                    ctl[RECEIVED] += 1
+        except BaseException:
+            self._abort()
+            raise
+        self._unlock()
+        if outcome != _DONE:
+            self._raise_for(outcome)
+        if not values:
+            values.append(self.try_get(owner, read))
+        return values
+
+    def take(self, owner: int) -> tuple[int, int]:
+        """Take the oldest message's slot for ``owner`` to read (state ``READING``).
+
+        Returns ``(slot, length)``; the caller must :meth:`release` or :meth:`put_back`.
+        """
+        ctl = self._ctl
+        self._lock()
+        try:
+            head = ctl[HEAD]
+            if head == ctl[TAIL]:
+                outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
+            else:
+                slot = self._ring[head % self.capacity]
+                length = self._slots[slot * SLOT_FIELDS + SLOT_LENGTH]
+                ctl[HEAD] = head + 1
+                self._hold_locked(slot, READING, owner)
+                outcome = _DONE
+        except BaseException:
+            self._abort()
+            raise
+        self._unlock()
+        if outcome != _DONE:
+            self._raise_for(outcome)
+        return slot, length
+
+    def release(self, slot: int) -> None:
+        """Free a slot that has been read."""
+        with self.critical():
+            self._free_locked(slot)
+            self._ctl[RECEIVED] += 1
+
+    def put_back(self, slot: int) -> None:
+        """Return a taken slot unread to the head of the queue."""
+        with self.critical():
+            self._requeue_locked(slot)
+
+    def slot_memory(self, slot: int) -> memoryview:
+        return self._payload[slot]
+
+    # ------------------------------------------------------------ internals
+
+    def _raise_for(self, outcome: int) -> None:
+        if outcome == _BROKEN:
+            raise BrokenResourceError
+        if outcome == _ENDED:
+            raise EndOfStream
+        self.maybe_sweep()
+        raise WouldBlock
+
+    def _hold_locked(self, slot: int, state: int, owner: int) -> None:
+        base = slot * SLOT_FIELDS
+        self._slots[base + SLOT_OWNER] = owner
+        self._slots[base + SLOT_STATE] = state
+
+    def _publish_locked(self, slot: int, length: int) -> None:
+        ctl = self._ctl
+        tail = ctl[TAIL]
+        base = slot * SLOT_FIELDS
+        self._slots[base + SLOT_LENGTH] = length
+        self._slots[base + SLOT_STATE] = READY
+        self._ring[tail % self.capacity] = slot
+        ctl[TAIL] = tail + 1
+        ctl[SENT] += 1
+        self._ring_one_locked(RECV)
+
+    def _free_locked(self, slot: int) -> None:
+        ctl = self._ctl
+        self._slots[slot * SLOT_FIELDS + SLOT_STATE] = FREE
+        n = ctl[NFREE]
+        self._free[n] = slot
+        ctl[NFREE] = n + 1
+        self._ring_one_locked(SEND)
+
+    def _requeue_locked(self, slot: int) -> None:
+        ctl = self._ctl
+        head = ctl[HEAD] - 1
+        self._slots[slot * SLOT_FIELDS + SLOT_STATE] = READY
+        self._ring[head % self.capacity] = slot
+        ctl[HEAD] = head
+        self._ring_one_locked(RECV)
+
+    def _ready_locked(self, side: int) -> int:
+        ctl = self._ctl
+        if side == SEND:
+            return INFINITE if ctl[OPEN + RECV] <= 0 else ctl[NFREE]
+        buffered = ctl[TAIL] - ctl[HEAD]
+        if buffered > 0:
+            return buffered
+        return INFINITE if ctl[OPEN + SEND] <= 0 else 0
+
+    def _holds_locked(self, entry: int) -> bool:
+        slots = self._slots
+        for base in range(0, self.capacity * SLOT_FIELDS, SLOT_FIELDS):
+            if slots[base + SLOT_STATE] in (WRITING, READING) and slots[base + SLOT_OWNER] == entry:
+                return True
+        return False
+
+    def _reclaim_locked(self, entry: int) -> None:
+        slots = self._slots
+        for slot in range(self.capacity):
+            base = slot * SLOT_FIELDS
+            if slots[base + SLOT_OWNER] != entry:
+                continue
+            state = slots[base + SLOT_STATE]
+            if state == WRITING:
+                self._free_locked(slot)
+                self._ctl[RECLAIMED] += 1
+            elif state == READING:
+                self._requeue_locked(slot)
+                self._ctl[REDELIVERED] += 1
+
+    def _repair_locked(self) -> None:
+        """Rebuild the free stack and slot states from the ring and the owners."""
+        super()._repair_locked()
+        ctl, slots, procs, cap = self._ctl, self._slots, self._procs, self.capacity
+        head, tail = ctl[HEAD], ctl[TAIL]
+        tail = head + min(max(tail - head, 0), cap)
+        ctl[TAIL] = tail
+        queued = {self._ring[pos % cap] for pos in range(head, tail)}
+        ctl[NFREE] = 0
+        for slot in range(cap):
+            base = slot * SLOT_FIELDS
+            state = slots[base + SLOT_STATE]
+            owner = slots[base + SLOT_OWNER]
+            owner_live = 0 <= owner < MAX_PROCS and procs[owner * PROC_FIELDS + P_KIND] != 0
+            if slot in queued:
+                slots[base + SLOT_STATE] = READY
+            elif state == READY or (state == READING and not owner_live):
+                self._requeue_locked(slot)  # fully written, or taken by no one alive
+                ctl[REDELIVERED] += 1
+            elif state in (WRITING, READING) and owner_live:
+                pass
+            else:
+                if state == WRITING:
+                    ctl[RECLAIMED] += 1
+                slots[base + SLOT_STATE] = FREE
+                n = ctl[NFREE]
+                self._free[n] = slot
+                ctl[NFREE] = n + 1
+
+    # ------------------------------------------------------------ statistics
+
+    def counters(self) -> QueueCounters:
+        with self.critical():
+            ctl, slots = self._ctl, self._slots
+            states = [slots[s * SLOT_FIELDS + SLOT_STATE] for s in range(self.capacity)]
+            return QueueCounters(
+                buffered=ctl[TAIL] - ctl[HEAD],
+                capacity=self.capacity,
+                open_send=max(0, ctl[OPEN + SEND]),
+                open_receive=max(0, ctl[OPEN + RECV]),
+                free=ctl[NFREE],
+                writing=states.count(WRITING),
+                reading=states.count(READING),
+                sent=ctl[SENT],
+                received=ctl[RECEIVED],
+                reclaimed=ctl[RECLAIMED],
+                redelivered=ctl[REDELIVERED],
+            )

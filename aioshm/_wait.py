@@ -1,0 +1,200 @@
+"""Layer 3: the wait bridge: async tasks waiting on a shared object's doorbell.
+
+An operation that cannot proceed must sleep until another process changes the shared
+state, and only a thread can sleep on a process-shared semaphore. Rather than lend one
+worker thread to each waiting task, each process has one *hub* per (shared object, side):
+
+* Waiting tasks queue up in the hub and await an event of their own event loop (asyncio
+  or trio, through anyio), so the loop never blocks and no thread is held per task.
+* The hub's thread sleeps on the doorbell for all of them. When the shared object says
+  ``n`` waiters could proceed, it wakes ``n`` tasks, oldest first; they retry their
+  non-blocking operation, and a task that loses a race queues up again at the front.
+* The thread is aioshm's own: it never takes a token from anyio's default thread
+  limiter, so waiting tasks cannot starve ``anyio.to_thread.run_sync`` callers. It
+  exits after a short idle spell, or when the object's last local handle closes.
+
+Cancellation is atomic: a waiting task holds nothing but its place in the queue. If it
+is cancelled (anyio scope, trio, or native ``asyncio`` ``Task.cancel()``) after being
+woken, it hands the wake-up on to the next waiting task, or rings the doorbell for
+another process, so that no wake-up is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio
+from anyio import WouldBlock
+from anyio.lowlevel import EventLoopToken, current_token
+
+from ._shared import RANG, SLICE, SharedObject
+
+__all__ = ["Hub"]
+
+T = TypeVar("T")
+
+#: How long an idle hub thread waits for new work before it exits.
+LINGER = 5.0
+
+
+class _Waiter:
+    __slots__ = ("event", "tag", "token", "woken")
+
+    def __init__(self, token: EventLoopToken, event: anyio.Event, tag: object) -> None:
+        self.token = token
+        self.event = event
+        self.tag = tag
+        self.woken = False
+
+    def notify(self) -> bool:
+        """Set the waiter's event from any thread; False if its event loop is gone."""
+        try:
+            self.token.backend_class.run_sync_soon(self.event.set, (), self.token.native_token)
+        except (anyio.RunFinishedError, RuntimeError):
+            return False
+        return True
+
+
+class Hub:
+    """All of one process's tasks waiting on one side of one shared object."""
+
+    def __init__(self, obj: SharedObject, side: int) -> None:
+        self._obj = obj
+        self._side = side
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._waiters: deque[_Waiter] = deque()
+        self._woken = 0  # woken waiters that have not finished retrying yet
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        """Tasks waiting or woken and retrying."""
+        return len(self._waiters) + self._woken
+
+    async def retry(self, attempt: Callable[[], T], tag: object) -> T:
+        """Wait for the doorbell, then call ``attempt`` until it stops raising
+        ``WouldBlock``; return its result.
+
+        ``tag`` identifies the caller for :meth:`wake_tagged` (a handle being closed).
+        Cancellation: only the waits are cancellation points, and a cancelled wait
+        leaves nothing behind. ``attempt`` must be non-blocking and do all or nothing.
+        """
+        woken = False
+        try:
+            while True:
+                await self._sleep(tag, front=woken)
+                woken = True
+                try:
+                    return attempt()
+                except WouldBlock:
+                    self._retried()
+                    woken = False
+        finally:
+            if woken:
+                self._retried()
+
+    async def _sleep(self, tag: object, front: bool) -> None:
+        waiter = _Waiter(current_token(), anyio.Event(), tag)
+        with self._lock:
+            if front:
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"aioshm-hub-{self._side}", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._work.notify()
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            self._withdraw(waiter)
+            raise
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """A waiter leaves without retrying; a wake-up it got goes to someone else."""
+        successor = None
+        with self._lock:
+            if not waiter.woken:
+                self._waiters.remove(waiter)
+                return
+            while self._waiters:
+                successor = self._waiters.popleft()
+                successor.woken = True
+                if successor.notify():
+                    return
+                successor = None
+            self._woken -= 1
+        self._obj.forward(self._side)
+
+    def _retried(self) -> None:
+        with self._lock:
+            self._woken -= 1
+
+    def wake_tagged(self, tag: object) -> None:
+        """Wake every task waiting for ``tag`` (its handle was closed)."""
+        with self._lock:
+            keep: deque[_Waiter] = deque()
+            for waiter in self._waiters:
+                if waiter.tag is tag:
+                    waiter.woken = True
+                    self._woken += 1
+                    if not waiter.notify():
+                        self._woken -= 1
+                else:
+                    keep.append(waiter)
+            self._waiters = keep
+
+    def close(self) -> None:
+        """Let the thread exit once no task waits any more."""
+        with self._lock:
+            self._closed = True
+            self._work.notify()
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._waiters = deque()
+        self._woken = 0
+        self._thread = None
+
+    def _wake(self, count: int) -> None:
+        with self._lock:
+            while self._waiters and count > 0:
+                waiter = self._waiters.popleft()
+                waiter.woken = True
+                if waiter.notify():
+                    self._woken += 1
+                    count -= 1
+
+    def _run(self) -> None:
+        obj, side = self._obj, self._side
+        ready = 0
+        while True:
+            with self._lock:
+                if ready == RANG and not self._waiters:
+                    ready = 0
+                    forward = True
+                else:
+                    forward = False
+                while not forward and not self._waiters:
+                    if self._closed or not self._work.wait(LINGER):
+                        if not self._waiters:
+                            self._thread = None
+                            return
+                reserved = self._woken
+            if forward:  # a wake-up nobody here can use any more
+                obj.forward(side)
+                continue
+            ready = obj.wait(side, SLICE, reserved)
+            if ready > 0:
+                self._wake(ready)
+            else:
+                obj.maybe_sweep()
