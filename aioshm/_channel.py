@@ -22,7 +22,6 @@ other tasks of its loop run, without paying for a checkpoint on every message.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 import weakref
@@ -36,7 +35,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.lowlevel import checkpoint
 
 from . import _ownership
-from ._codec import Encoded, array_layout, copy_into, copy_out, encode, finish, view
+from ._codec import Encoded, copy_into, decode, encode, loan_layout, view
 from ._layout import HEADER_RESERVE
 from ._posix import Reentered, supported
 from ._shared import RECV, SEND
@@ -324,7 +323,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
     def _put(self, message: Encoded) -> None:
         if not self._usable:
             self._raise_unusable()
-        self._queue.try_put(self._entry, message.length, message.write)
+        self._queue.try_put(self._entry, message)
 
     def send_nowait(self, item: T_contra) -> None:
         """Send ``item`` if a slot is free, without waiting.
@@ -351,7 +350,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
             self._raise_unusable()
         message = self._encode(item)
         try:
-            self._queue.try_put(self._entry, message.length, message.write)
+            self._queue.try_put(self._entry, message)
         except WouldBlock:
             await self._hub.retry(functools.partial(self._put, message), self)
 
@@ -381,7 +380,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         if not self._usable:
             self._raise_unusable()
         limit = self._queue.max_message_size
-        batch = [(m.length, m.write) for m in (encode(item, limit) for item in items)]
+        batch = [encode(item, limit) for item in items]
         sent = 0
         try:
             while sent < len(batch):
@@ -396,7 +395,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
                 _note_partial(exc, sent)
             raise
 
-    def _put_many(self, batch: Sequence[tuple[int, Any]], start: int) -> int:
+    def _put_many(self, batch: Sequence[Encoded], start: int) -> int:
         if not self._usable:
             self._raise_unusable()
         return self._queue.try_put_many(self._entry, batch[start:])
@@ -446,8 +445,9 @@ class _Loan:
         self._tx = tx
         self._dtype = np.dtype(dtype)
         self._shape = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        self._header, self._offset = array_layout(self._dtype, self._shape, False)
-        self._length = self._offset + self._dtype.itemsize * math.prod(self._shape)
+        self._header, self._start, self._offset, self._length = loan_layout(
+            self._dtype, self._shape
+        )
         limit = tx._queue.max_message_size
         if self._length - HEADER_RESERVE > limit:
             raise ValueError(
@@ -462,7 +462,7 @@ class _Loan:
     def _open(self, slot: int) -> Array:
         self._slot = slot
         memory = self._tx._queue.slot_memory(slot)
-        memory[: len(self._header)] = self._header
+        memory[self._start : self._offset] = self._header
         self._buf = np.ndarray(self._shape, self._dtype, buffer=memory, offset=self._offset)
         return self._buf
 
@@ -474,7 +474,7 @@ class _Loan:
             queue.abandon(self._slot)
             self._tx._raise_unusable()
         if publish:
-            queue.publish(self._slot, self._length)
+            queue.publish(self._slot, self._start, self._length)
         else:
             queue.abandon(self._slot)
 
@@ -516,10 +516,10 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
     _side = RECV
 
-    def _get(self) -> object:
+    def _get(self) -> T_co:
         if not self._usable:
             self._raise_unusable()
-        return self._queue.try_get(self._entry, copy_out)
+        return self._queue.try_get(self._entry, decode)  # type: ignore[no-any-return]
 
     def receive_nowait(self) -> T_co:
         """Receive the oldest message if there is one, without waiting.
@@ -529,7 +529,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             process
         :raises anyio.ClosedResourceError: this handle is closed
         """
-        return finish(self._get())  # type: ignore[no-any-return]
+        return self._get()
 
     recv_nowait = receive_nowait
 
@@ -543,10 +543,9 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         """
         await self._tick()
         try:
-            value = self._get()
+            return self._get()
         except WouldBlock:
-            value = await self._hub.retry(self._get, self)
-        return finish(value)  # type: ignore[no-any-return]
+            return await self._hub.retry(self._get, self)
 
     recv = receive
 
@@ -557,7 +556,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
         Otherwise raises as :meth:`receive_nowait`.
         """
-        return finish(self._block(self._get, timeout))  # type: ignore[no-any-return]
+        return self._block(self._get, timeout)  # type: ignore[no-any-return]
 
     receive_blocking = recv_blocking
 
@@ -572,15 +571,14 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         await self._tick()
         attempt = functools.partial(self._get_many, max_items)
         try:
-            values = attempt()
+            return attempt()
         except WouldBlock:
-            values = await self._hub.retry(attempt, self)
-        return [finish(value) for value in values]
+            return await self._hub.retry(attempt, self)
 
-    def _get_many(self, max_items: int) -> list[object]:
+    def _get_many(self, max_items: int) -> list[T_co]:
         if not self._usable:
             self._raise_unusable()
-        return self._queue.try_get_many(self._entry, max_items, copy_out)
+        return self._queue.try_get_many(self._entry, max_items, decode)
 
     def recv_view(self) -> _View:
         """Receive an array message without copying it.
@@ -607,21 +605,21 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         """
         await self._tick()
         try:
-            slot = self._take()
+            slot, message = self._take()
         except WouldBlock:
-            slot = await self._hub.retry(self._take, self)
+            slot, message = await self._hub.retry(self._take, self)
         try:
-            copy_into(self._queue.slot_memory(slot), out)
+            copy_into(message, out)
         except BaseException:
             self._queue.put_back(slot)
             raise
         self._queue.release(slot)
         return out
 
-    def _take(self) -> int:
+    def _take(self) -> tuple[int, memoryview]:
         if not self._usable:
             self._raise_unusable()
-        return self._queue.take(self._entry)[0]
+        return self._queue.take(self._entry)
 
 
 class _View:
@@ -635,11 +633,11 @@ class _View:
         rx = self._rx
         await rx._tick()
         try:
-            slot = rx._take()
+            slot, message = rx._take()
         except WouldBlock:
-            slot = await rx._hub.retry(rx._take, rx)
+            slot, message = await rx._hub.retry(rx._take, rx)
         try:
-            array = view(rx._queue.slot_memory(slot))
+            array = view(message)
         except BaseException:
             rx._queue.put_back(slot)
             raise

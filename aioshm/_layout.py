@@ -7,7 +7,7 @@ A channel is one anonymous shared mapping carved into regions, in this order::
     bells       two doorbell semaphores: one wakes senders, one wakes receivers
     ring        published slot numbers, in order of publication (a ring of ``capacity``)
     free        a stack of free slot numbers
-    slot table  per slot: its state, the process-table entry that holds it, its length
+    slot table  per slot: its state, the process-table entry holding it, where its message lies
     procs       the process table: who holds handles, and how many
     payloads    ``capacity`` slots of ``stride`` bytes, 64-byte aligned
 
@@ -65,8 +65,9 @@ _CTL_FIELDS = 32
 # Slot table fields.
 SLOT_STATE = 0
 SLOT_OWNER = 1
-SLOT_LENGTH = 2
-SLOT_FIELDS = 3
+SLOT_START = 2  # the message is slot[start:length]
+SLOT_LENGTH = 3
+SLOT_FIELDS = 4
 
 # Process table fields.
 P_KIND = 0

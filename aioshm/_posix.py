@@ -33,6 +33,7 @@ _PTHREAD_PROCESS_SHARED = 1
 _PTHREAD_MUTEX_ROBUST = 1
 _PTHREAD_MUTEX_ERRORCHECK = 2
 _CLOCK_MONOTONIC = 1
+_SPINS = 20
 
 
 class _Timespec(ctypes.Structure):
@@ -127,7 +128,14 @@ class RobustMutex:
         """
         result = _mutex_trylock(self._addr)
         if result == errno.EBUSY:
-            result = _mutex_lock(self._addr)
+            # Critical sections last a microsecond or two: spin a little before
+            # sleeping in the kernel, as an adaptive mutex would.
+            for _ in range(_SPINS):
+                result = _mutex_trylock(self._addr)
+                if result != errno.EBUSY:
+                    break
+            else:
+                result = _mutex_lock(self._addr)
         if result == 0:
             return False
         if result == errno.EOWNERDEAD:

@@ -14,9 +14,11 @@ sending and receiving processes, and processes that die at any instant.
   ``READY`` slots are the ones on the ring. A slot in ``WRITING`` or ``READING`` names
   the process-table entry that holds it, so a survivor can give it back when its holder
   dies: a half-written slot is freed (never seen), a half-read one is queued again.
-* Small messages are copied with the mutex held, in one locked round per operation;
-  large ones are copied with the slot claimed and the mutex free, so that a sender and a
-  receiver copy in parallel.
+* A message occupies ``slot[start:length]``. A small one is copied in or out with the
+  mutex held, as one ``memcpy`` in one locked round per operation; encoding and decoding
+  happen outside. A large one is copied with its slot claimed and the mutex free, so
+  that a sender and a receiver copy in parallel. No caller code ever runs under the
+  mutex except a message's own ``write``.
 
 Operations that cannot proceed raise :class:`anyio.WouldBlock` and change nothing; the
 blocking forms and the async wait bridge (layer 3) sleep on the doorbells in between.
@@ -25,7 +27,7 @@ blocking forms and the async wait bridge (layer 3) sleep on the doorbells in bet
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 from anyio import BrokenResourceError, EndOfStream, WouldBlock
 
@@ -43,6 +45,7 @@ from ._layout import (
     SLOT_FIELDS,
     SLOT_LENGTH,
     SLOT_OWNER,
+    SLOT_START,
     SLOT_STATE,
     TAIL,
     Segment,
@@ -61,8 +64,19 @@ READING: Final = 3
 LOCKED_COPY_LIMIT: Final = 64 * 1024
 
 T = TypeVar("T")
-Writer = Callable[[memoryview], object]
-Reader = Callable[[memoryview, int], T]
+#: Turns a message's bytes into a value; ``owned`` says the bytes are a private copy
+#: (the value may keep pointing into them) rather than the slot itself.
+Reader = Callable[[memoryview, bool], T]
+
+
+class Message(Protocol):
+    """What the queue needs of a message: where it lies in a slot, and how to write it."""
+
+    start: int
+    length: int
+
+    def write(self, slot: memoryview) -> None: ...
+
 
 _DONE, _FULL, _BROKEN, _EMPTY, _ENDED, _CLAIMED = range(6)
 
@@ -110,8 +124,8 @@ class SlotQueue(SharedObject):
 
     # ------------------------------------------------------------ sending
 
-    def try_put(self, owner: int, length: int, write: Writer) -> None:
-        """Publish one message of ``length`` bytes that ``write`` copies into a slot.
+    def try_put(self, owner: int, message: Message) -> None:
+        """Publish one message.
 
         Raises ``WouldBlock`` when every slot is taken and ``BrokenResourceError`` when
         no receive handle is open; nothing is changed then.
@@ -126,10 +140,10 @@ class SlotQueue(SharedObject):
             else:
                 n = ctl[NFREE] - 1
                 slot = self._free[n]
-                if length <= LOCKED_COPY_LIMIT:
-                    write(self._payload[slot])
+                if message.length <= LOCKED_COPY_LIMIT:
+                    message.write(self._payload[slot])
                     ctl[NFREE] = n
-                    self._publish_locked(slot, length)
+                    self._publish_locked(slot, message.start, message.length)
                     outcome = _DONE
                 else:
                     ctl[NFREE] = n
@@ -141,12 +155,16 @@ class SlotQueue(SharedObject):
         self._unlock()
         if outcome == _DONE:
             return
-        if outcome == _CLAIMED:
-            self._fill_and_publish(slot, length, write)
-            return
-        self._raise_for(outcome)
+        if outcome != _CLAIMED:
+            self._raise_for(outcome)
+        try:
+            message.write(self._payload[slot])
+        except BaseException:
+            self.abandon(slot)
+            raise
+        self.publish(slot, message.start, message.length)
 
-    def try_put_many(self, owner: int, messages: Sequence[tuple[int, Writer]]) -> int:
+    def try_put_many(self, owner: int, messages: Sequence[Message]) -> int:
         """Publish a prefix of ``messages`` in one locked round; return how many.
 
         Takes as many as there are free slots. A large message is published on its own
@@ -164,14 +182,14 @@ class SlotQueue(SharedObject):
                 outcome = _FULL
             else:
                 outcome = _DONE
-                for length, write in messages:
+                for message in messages:
                     n = ctl[NFREE] - 1
-                    if n < 0 or length > LOCKED_COPY_LIMIT:
+                    if n < 0 or message.length > LOCKED_COPY_LIMIT:
                         break
                     slot = self._free[n]
-                    write(self._payload[slot])
+                    message.write(self._payload[slot])
                     ctl[NFREE] = n
-                    self._publish_locked(slot, length)
+                    self._publish_locked(slot, message.start, message.length)
                     sent += 1
         except BaseException:
             self._abort()
@@ -180,8 +198,7 @@ class SlotQueue(SharedObject):
         if outcome != _DONE:
             self._raise_for(outcome)
         if sent == 0:
-            length, write = messages[0]
-            self.try_put(owner, length, write)
+            self.try_put(owner, messages[0])
             sent = 1
         return sent
 
@@ -208,15 +225,18 @@ class SlotQueue(SharedObject):
             self._raise_for(outcome)
         return slot
 
-    def publish(self, slot: int, length: int) -> None:
-        """Publish a claimed slot. Raises ``BrokenResourceError`` (and frees the slot)
-        if no receive handle is open any more."""
+    def publish(self, slot: int, start: int, length: int) -> None:
+        """Publish a claimed slot holding the message ``slot[start:length]``.
+
+        Raises ``BrokenResourceError`` (and frees the slot) if no receive handle is open
+        any more.
+        """
         with self.critical():
             broken = self._ctl[OPEN + RECV] <= 0
             if broken:
                 self._free_locked(slot)
             else:
-                self._publish_locked(slot, length)
+                self._publish_locked(slot, start, length)
         if broken:
             raise BrokenResourceError
 
@@ -225,24 +245,19 @@ class SlotQueue(SharedObject):
         with self.critical():
             self._free_locked(slot)
 
-    def _fill_and_publish(self, slot: int, length: int, write: Writer) -> None:
-        try:
-            write(self._payload[slot])
-        except BaseException:
-            self.abandon(slot)
-            raise
-        self.publish(slot, length)
-
     # ------------------------------------------------------------ receiving
 
     def try_get(self, owner: int, read: Reader[T]) -> T:
-        """Take the oldest message and return ``read(slot_memory, length)``.
+        """Take the oldest message and return ``read(message_bytes, owned)``.
 
-        Raises ``WouldBlock`` when none is buffered, ``EndOfStream`` when moreover no
-        send handle is open. ``read`` must not run user code: small messages are read
-        with the mutex held.
+        ``read`` runs with the mutex free: on a private copy of a small message, or on
+        the slot itself (held for this process) for a large one. Raises ``WouldBlock``
+        when nothing is buffered, ``EndOfStream`` when moreover no send handle is open.
+        If ``read`` raises, a large message goes back to the head of the queue; a small
+        one has already been received.
         """
         ctl = self._ctl
+        slots = self._slots
         self._lock()
         try:
             head = ctl[HEAD]
@@ -250,9 +265,10 @@ class SlotQueue(SharedObject):
                 outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
             else:
                 slot = self._ring[head % self.capacity]
-                length = self._slots[slot * SLOT_FIELDS + SLOT_LENGTH]
+                base = slot * SLOT_FIELDS
+                start, length = slots[base + SLOT_START], slots[base + SLOT_LENGTH]
                 if length <= LOCKED_COPY_LIMIT:
-                    value = read(self._payload[slot], length)
+                    copy = bytearray(self._payload[slot][start:length])
                     ctl[HEAD] = head + 1
                     self._free_locked(slot)
                     ctl[RECEIVED] += 1
@@ -266,17 +282,16 @@ class SlotQueue(SharedObject):
             raise
         self._unlock()
         if outcome == _DONE:
-            return value
-        if outcome == _CLAIMED:
-            try:
-                value = read(self._payload[slot], length)
-            except BaseException:
-                self.put_back(slot)
-                raise
-            self.release(slot)
-            return value
-        self._raise_for(outcome)
-        raise AssertionError  # pragma: no cover
+            return read(memoryview(copy), True)
+        if outcome != _CLAIMED:
+            self._raise_for(outcome)
+        try:
+            value = read(self._payload[slot][start:length], False)
+        except BaseException:
+            self.put_back(slot)
+            raise
+        self.release(slot)
+        return value
 
     def try_get_many(self, owner: int, limit: int, read: Reader[T]) -> list[T]:
         """Take up to ``limit`` small messages in one locked round (at least one).
@@ -284,9 +299,8 @@ class SlotQueue(SharedObject):
         A large message at the head is taken on its own. Raises like :meth:`try_get`
         if none is buffered.
         """
-        ctl = self._ctl
-        cap = self.capacity
-        values: list[T] = []
+        ctl, slots, cap = self._ctl, self._slots, self.capacity
+        copies: list[bytearray] = []
         self._lock()
         try:
             head, tail = ctl[HEAD], ctl[TAIL]
@@ -294,12 +308,13 @@ class SlotQueue(SharedObject):
                 outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
             else:
                 outcome = _DONE
-                while head < tail and len(values) < limit:
+                while head < tail and len(copies) < limit:
                     slot = self._ring[head % cap]
-                    length = self._slots[slot * SLOT_FIELDS + SLOT_LENGTH]
+                    base = slot * SLOT_FIELDS
+                    start, length = slots[base + SLOT_START], slots[base + SLOT_LENGTH]
                     if length > LOCKED_COPY_LIMIT:
                         break
-                    values.append(read(self._payload[slot], length))
+                    copies.append(bytearray(self._payload[slot][start:length]))
                     head += 1
                     ctl[HEAD] = head
                     self._free_locked(slot)
@@ -310,14 +325,15 @@ class SlotQueue(SharedObject):
         self._unlock()
         if outcome != _DONE:
             self._raise_for(outcome)
-        if not values:
-            values.append(self.try_get(owner, read))
-        return values
+        if not copies:
+            return [self.try_get(owner, read)]
+        return [read(memoryview(copy), True) for copy in copies]
 
-    def take(self, owner: int) -> tuple[int, int]:
+    def take(self, owner: int) -> tuple[int, memoryview]:
         """Take the oldest message's slot for ``owner`` to read (state ``READING``).
 
-        Returns ``(slot, length)``; the caller must :meth:`release` or :meth:`put_back`.
+        Returns the slot and a view of its message; the caller must :meth:`release` it
+        or :meth:`put_back` it.
         """
         ctl = self._ctl
         self._lock()
@@ -327,7 +343,8 @@ class SlotQueue(SharedObject):
                 outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
             else:
                 slot = self._ring[head % self.capacity]
-                length = self._slots[slot * SLOT_FIELDS + SLOT_LENGTH]
+                base = slot * SLOT_FIELDS
+                start, length = self._slots[base + SLOT_START], self._slots[base + SLOT_LENGTH]
                 ctl[HEAD] = head + 1
                 self._hold_locked(slot, READING, owner)
                 outcome = _DONE
@@ -337,7 +354,7 @@ class SlotQueue(SharedObject):
         self._unlock()
         if outcome != _DONE:
             self._raise_for(outcome)
-        return slot, length
+        return slot, self._payload[slot][start:length]
 
     def release(self, slot: int) -> None:
         """Free a slot that has been read."""
@@ -368,10 +385,11 @@ class SlotQueue(SharedObject):
         self._slots[base + SLOT_OWNER] = owner
         self._slots[base + SLOT_STATE] = state
 
-    def _publish_locked(self, slot: int, length: int) -> None:
+    def _publish_locked(self, slot: int, start: int, length: int) -> None:
         ctl = self._ctl
         tail = ctl[TAIL]
         base = slot * SLOT_FIELDS
+        self._slots[base + SLOT_START] = start
         self._slots[base + SLOT_LENGTH] = length
         self._slots[base + SLOT_STATE] = READY
         self._ring[tail % self.capacity] = slot

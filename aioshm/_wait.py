@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import anyio
 from anyio import WouldBlock
-from anyio.lowlevel import EventLoopToken, current_token
+from anyio.lowlevel import EventLoopToken, checkpoint, current_token
 
 from ._shared import RANG, SLICE, SharedObject
 
@@ -38,6 +38,8 @@ T = TypeVar("T")
 
 #: How long an idle hub thread waits for new work before it exits.
 LINGER = 5.0
+#: Retries on the event loop (each after a checkpoint) before a task sleeps in the hub.
+SPINS = 8
 
 
 class _Waiter:
@@ -84,6 +86,12 @@ class Hub:
         Cancellation: only the waits are cancellation points, and a cancelled wait
         leaves nothing behind. ``attempt`` must be non-blocking and do all or nothing.
         """
+        for _ in range(SPINS):
+            await checkpoint()
+            try:
+                return attempt()
+            except WouldBlock:
+                pass
         woken = False
         try:
             while True:
