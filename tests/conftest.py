@@ -1,0 +1,34 @@
+"""Shared fixtures: start methods, backends, and a guard against leaked processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
+    """A multiprocessing context for each start method."""
+    return multiprocessing.get_context(request.param)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans() -> Iterator[None]:
+    """Kill any child process a test left running, so that a failure cannot hang CI."""
+    yield
+    for child in multiprocessing.active_children():
+        if child.is_alive() and child.pid is not None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.join(5)

@@ -1,0 +1,28 @@
+"""Helpers for tests that start real processes."""
+
+from __future__ import annotations
+
+import multiprocessing.process
+import time
+from collections.abc import Callable
+
+
+def join_all(procs: list[multiprocessing.process.BaseProcess], timeout: float = 60) -> None:
+    """Join every process within ``timeout`` seconds and require exit code 0."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    stuck = [p for p in procs if p.is_alive()]
+    assert not stuck, f"processes still running after {timeout} s: {stuck}"
+    codes = {p.name: p.exitcode for p in procs}
+    assert all(code == 0 for code in codes.values()), f"exit codes: {codes}"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10, what: str = "") -> float:
+    """Poll ``predicate`` until it is true; return the time it took. Fails on timeout."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(0.005)
+    return time.monotonic() - start
