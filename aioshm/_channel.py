@@ -230,6 +230,7 @@ class _Handle:
 
     def statistics(self) -> ChannelStatistics:
         """A snapshot of the channel (see :class:`ChannelStatistics`)."""
+        self._queue.maybe_sweep()
         counters = self._queue.counters()
         send_hub, recv_hub = self._channel.hubs
         return ChannelStatistics(

@@ -2,7 +2,9 @@
 
 A process is identified by its pid *and* its start time, so that a recycled pid is not
 mistaken for the process that used to have it. A zombie (killed, not yet reaped) counts
-as dead: ``os.kill(pid, 0)`` would wrongly call it alive.
+as dead: ``os.kill(pid, 0)`` would wrongly call it alive. So does a process that has
+begun to exit (``PF_EXITING``): the kernel releases a dying process's robust mutexes
+before it turns into a zombie, and the next holder must be able to tell who died.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import os
 __all__ = ["is_alive", "my_identity", "start_time"]
 
 _DEAD_STATES = frozenset("ZXx")
+_PF_EXITING = 0x4
 _identity: tuple[int, int] | None = None
 
 
 def _read_stat(pid: int) -> tuple[str, int] | None:
-    """Return ``(state, start_time)`` from ``/proc/<pid>/stat``, or ``None`` if gone."""
+    """Return ``(state, start_time)`` from ``/proc/<pid>/stat``, or ``None`` if gone.
+
+    A process that has begun to exit gets the state ``"X"``.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -26,7 +32,8 @@ def _read_stat(pid: int) -> tuple[str, int] | None:
         return _read_without_proc(pid)
     # The command name (field 2) is in parentheses and may itself contain ") ".
     fields = raw[raw.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
+    state = "X" if int(fields[6]) & _PF_EXITING else fields[0].decode()
+    return state, int(fields[19])
 
 
 def _read_without_proc(pid: int) -> tuple[str, int] | None:  # pragma: no cover

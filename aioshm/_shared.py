@@ -84,15 +84,14 @@ class SharedObject:
         """Process-local bookkeeping (reset in a forked child)."""
         self._pending: dict[int, tuple[int, weakref.ref[Any]]] = {}
         self._next_sweep = 0.0
-        self._sweep_soon = False
         self._local = threading.Lock()
         self._deferred: list[Callable[[], object]] = []
 
     # ------------------------------------------------------------------ the mutex
 
     def _lock(self) -> None:
-        if self._mutex_acquire():
-            self._sweep_soon = True
+        if self._mutex_acquire():  # the previous holder died: find out who, right after
+            self._deferred.append(self._sweep_after_owner_died)
         ctl = self._ctl
         if ctl[DIRTY]:
             self._repair_locked()
@@ -243,10 +242,9 @@ class SharedObject:
         Returns ``True`` if anything was reclaimed.
         """
         now = time.monotonic()
-        if not (force or self._sweep_soon) and now < self._next_sweep:
+        if not force and now < self._next_sweep:
             return False
         self._next_sweep = now + SWEEP_INTERVAL
-        self._sweep_soon = False
         self._resolve_pending()
         procs = self._procs
         me = _procs.my_identity()[0]
@@ -277,9 +275,16 @@ class SharedObject:
             self._ring_all_locked(RECV)
         return True
 
+    def _sweep_after_owner_died(self) -> None:
+        # The dead holder released the mutex while exiting; /proc may lag a little.
+        for _ in range(100):
+            if self.sweep(force=True):
+                return
+            time.sleep(0.005)
+
     def maybe_sweep(self) -> None:
         """A sweep if one is due; cheap when it is not."""
-        if self._sweep_soon or time.monotonic() >= self._next_sweep:
+        if time.monotonic() >= self._next_sweep:
             self.sweep()
 
     def _resolve_pending(self) -> None:

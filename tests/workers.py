@@ -76,7 +76,7 @@ def use_inherited(flag: aioshm.SendChannel[Any], inherited: aioshm.SendChannel[A
 
 
 def block_in_recv(rx: aioshm.ReceiveChannel[Any], ready: aioshm.SendChannel[Any]) -> None:
-    """Signal readiness, then block in recv until killed."""
+    """Signal readiness, then block in recv (on an empty channel) until killed."""
 
     async def main() -> None:
         await ready.send("ready")

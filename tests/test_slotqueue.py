@@ -1,0 +1,206 @@
+"""Layer 2, the synchronous slot queue, with no event loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+from aioshm import _layout
+from aioshm._shared import RANG, RECV, SEND
+from aioshm._slotqueue import LOCKED_COPY_LIMIT, READING, READY, WRITING, SlotQueue
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Raw:
+    """A message of raw bytes (the queue does not know about the codec)."""
+
+    def __init__(self, data: bytes, start: int = 0) -> None:
+        self.data = data
+        self.start = start
+        self.length = start + len(data)
+
+    def write(self, slot: memoryview) -> None:
+        slot[self.start : self.length] = self.data
+
+
+def read(message: memoryview, owned: bool) -> bytes:
+    return bytes(message)
+
+
+def make(capacity: int = 4, size: int = 64) -> tuple[SlotQueue, int]:
+    queue = SlotQueue.create(capacity, size)
+    return queue, queue.register((1, 1))
+
+
+def states(queue: SlotQueue) -> list[int]:
+    slots = queue.segment.slots
+    return [slots[s * _layout.SLOT_FIELDS + _layout.SLOT_STATE] for s in range(queue.capacity)]
+
+
+def test_fifo_full_and_empty() -> None:
+    queue, me = make(capacity=3)
+    with pytest.raises(anyio.WouldBlock):
+        queue.try_get(me, read)
+    for i in range(3):
+        queue.try_put(me, Raw(bytes([i]) * 5, start=i))
+    with pytest.raises(anyio.WouldBlock):
+        queue.try_put(me, Raw(b"x"))
+    assert [queue.try_get(me, read) for _ in range(3)] == [bytes([i]) * 5 for i in range(3)]
+    counters = queue.counters()
+    assert (counters.free, counters.buffered, counters.sent, counters.received) == (3, 0, 3, 3)
+
+
+def test_end_of_stream_and_broken() -> None:
+    queue, me = make()
+    queue.try_put(me, Raw(b"last"))
+    queue.drop_handle(me, SEND)
+    assert queue.try_get(me, read) == b"last"  # what was sent is drained first
+    with pytest.raises(anyio.EndOfStream):
+        queue.try_get(me, read)
+    queue.drop_handle(me, RECV)
+    with pytest.raises(anyio.BrokenResourceError):
+        queue.try_put(me, Raw(b"x"))
+
+
+def test_claim_publish_abandon() -> None:
+    queue, me = make(capacity=2)
+    held = queue.claim(me)
+    queue.try_put(me, Raw(b"other"))  # a held slot holds up no one
+    assert queue.try_get(me, read) == b"other"
+    queue.payload_address(held)
+    queue.slot_memory(held)[:3] = b"abc"
+    queue.publish(held, 0, 3)
+    assert queue.try_get(me, read) == b"abc"
+    held = queue.claim(me)
+    queue.abandon(held)
+    assert queue.counters().free == 2
+    with pytest.raises(anyio.WouldBlock):
+        queue.try_get(me, read)
+
+
+def test_take_release_put_back() -> None:
+    queue, me = make()
+    queue.try_put(me, Raw(b"one"))
+    queue.try_put(me, Raw(b"two"))
+    slot, message = queue.take(me)
+    assert bytes(message) == b"one"
+    assert states(queue)[slot] == READING
+    queue.put_back(slot)
+    assert queue.try_get(me, read) == b"one"  # back at the head
+    slot, message = queue.take(me)
+    assert bytes(message) == b"two"
+    queue.release(slot)
+    assert queue.counters().free == 4
+
+
+def test_large_messages_are_copied_outside_the_mutex() -> None:
+    big = LOCKED_COPY_LIMIT + 1
+    queue, me = make(capacity=2, size=2 * big)
+    seen: list[bool] = []
+
+    class Probe(Raw):
+        def write(self, slot: memoryview) -> None:
+            seen.append(queue.segment.ctl[_layout.DIRTY] == 1)  # 1 => mutex held
+            super().write(slot)
+
+    queue.try_put(me, Probe(b"s" * 10))
+    queue.try_put(me, Probe(b"b" * big))
+    assert seen == [True, False]
+
+    def probing_read(message: memoryview, owned: bool) -> tuple[bool, bool, int]:
+        return owned, queue.segment.ctl[_layout.DIRTY] == 1, len(message)
+
+    assert queue.try_get(me, probing_read) == (True, False, 10)
+    assert queue.try_get(me, probing_read) == (False, False, big)
+
+
+def test_batches() -> None:
+    queue, me = make(capacity=4)
+    assert queue.try_put_many(me, [Raw(bytes([i])) for i in range(6)]) == 4
+    with pytest.raises(anyio.WouldBlock):
+        queue.try_put_many(me, [Raw(b"x")])
+    assert queue.try_get_many(me, 3, read) == [b"\0", b"\1", b"\2"]
+    assert queue.try_get_many(me, 10, read) == [b"\3"]
+    with pytest.raises(anyio.WouldBlock):
+        queue.try_get_many(me, 10, read)
+
+
+def test_reader_failure_puts_a_large_message_back() -> None:
+    big = LOCKED_COPY_LIMIT + 1
+    queue, me = make(capacity=1, size=big)
+    queue.try_put(me, Raw(b"z" * big))
+
+    def failing(message: memoryview, owned: bool) -> bytes:
+        raise MemoryError
+
+    with pytest.raises(MemoryError):
+        queue.try_get(me, failing)
+    assert queue.try_get(me, read) == b"z" * big
+
+
+def test_blocking_wait_and_timeout() -> None:
+    queue, me = make(capacity=1)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        queue.block(RECV, lambda: queue.try_get(me, read), timeout=0.2)
+    assert time.monotonic() - start >= 0.2
+
+    def later() -> None:
+        time.sleep(0.2)
+        queue.try_put(me, Raw(b"late"))
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    assert queue.block(RECV, lambda: queue.try_get(me, read), timeout=10) == b"late"
+    thread.join()
+
+
+def test_doorbell_protocol() -> None:
+    """A sleeper registers with its readiness check under the mutex, so a publication
+    after it rings the bell; a timed-out sleeper deregisters."""
+    queue, me = make(capacity=1)
+    assert queue.wait(RECV, 0.05) == 0  # timed out
+    assert queue.segment.ctl[_layout.SLEEPERS + RECV] == 0
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(queue.wait(RECV, 10)))
+    thread.start()
+    while queue.segment.ctl[_layout.SLEEPERS + RECV] == 0:
+        time.sleep(0.001)
+    queue.try_put(me, Raw(b"x"))
+    thread.join(10)
+    assert result == [RANG]
+    assert queue.wait(RECV, 10) == 1  # ready at once, no sleep
+    assert queue.wait(RECV, 0.05, reserved=1) == 0  # promised to someone already woken
+
+
+def test_repair_after_a_holder_died_mid_update() -> None:
+    """With the state marked dirty, the next holder rebuilds the free stack and the slot
+    states from the ring and the owners."""
+    queue, me = make(capacity=4)
+    queue.try_put(me, Raw(b"published"))
+    loan = queue.claim(me)
+    ctl = queue.segment.ctl
+    ctl[_layout.DIRTY] = 1  # as if the holder died mid-update...
+    ctl[_layout.NFREE] = 0  # ...having scribbled on derived state
+    assert queue.try_get(me, read) == b"published"  # the next holder repairs first
+    assert states(queue)[loan] == WRITING  # a live owner keeps its loan
+    assert queue.counters().free == 3
+    queue.abandon(loan)
+    assert queue.counters().free == 4
+
+
+def test_repair_requeues_a_fully_written_slot_that_missed_the_ring() -> None:
+    queue, me = make(capacity=2)
+    slot = queue.claim(me)
+    queue.slot_memory(slot)[:4] = b"done"
+    slots = queue.segment.slots
+    base = slot * _layout.SLOT_FIELDS
+    slots[base + _layout.SLOT_START], slots[base + _layout.SLOT_LENGTH] = 0, 4
+    slots[base + _layout.SLOT_STATE] = READY  # died after marking it, before the ring
+    queue.segment.ctl[_layout.DIRTY] = 1
+    assert queue.try_get(me, read) == b"done"
+    assert queue.counters().redelivered == 1
