@@ -170,3 +170,35 @@ def stress_receiver(
             await out.send((got, torn))
 
     anyio.run(main, backend=backend)
+
+
+def close_after(
+    handle: Any, report: aioshm.SendChannel[float], delay: float, send_first: int = 0
+) -> None:
+    """Optionally send some messages, wait, close ``handle`` and report when (monotonic)."""
+    for i in range(send_first):
+        handle.send_blocking(i, timeout=10)
+    time.sleep(delay)
+    closed_at = time.monotonic()
+    handle.close()
+    with report:
+        report.send_blocking(closed_at, timeout=10)
+
+
+def loop_ends_with_blocked_tasks(
+    rx: aioshm.ReceiveChannel[Any], tx: aioshm.SendChannel[Any], report: aioshm.SendChannel[Any]
+) -> None:
+    """Run an event loop whose tasks block in recv and send; let the loop end; exit."""
+    import asyncio
+
+    async def main() -> None:
+        tx.send_nowait("fills the slot")
+        tasks = [asyncio.create_task(rx.recv()) for _ in range(5)]
+        tasks += [asyncio.create_task(tx.send("blocked")) for _ in range(5)]
+        await asyncio.sleep(0.3)  # everyone asleep in the hubs
+        assert not any(task.done() for task in tasks)
+        # returning ends the loop: asyncio.run cancels the blocked tasks
+
+    asyncio.run(main())
+    report.send_blocking(time.monotonic(), timeout=10)
+    report.close()

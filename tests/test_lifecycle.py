@@ -1,0 +1,251 @@
+"""Closing, ending, exiting and forking: nothing hangs and nothing leaks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+import aioshm
+
+from . import workers
+from .helpers import join_all, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_last_sender_closing_elsewhere_ends_blocked_receivers(
+    ctx: multiprocessing.context.BaseContext, backend: str
+) -> None:
+    """Receivers blocked in this process drain what is left and get EndOfStream within
+    0.5 s of the last send handle closing in another process."""
+    tx, rx = aioshm.open_channel[int](capacity=4, max_message_size=64)
+    report_tx, report_rx = aioshm.open_channel[float](capacity=1, max_message_size=64)
+    child = ctx.Process(target=workers.close_after, args=(tx, report_tx, 0.5, 2))
+    child.start()
+    tx.close()
+    report_tx.close()
+    ended: list[float] = []
+    got: list[int] = []
+
+    async def receiver() -> None:
+        try:
+            while True:
+                got.append(await rx.recv())
+        except anyio.EndOfStream:
+            ended.append(time.monotonic())
+
+    async def main() -> None:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(receiver)
+
+    anyio.run(main, backend=backend)
+    closed_at = report_rx.recv_blocking(timeout=10)
+    join_all([child])
+    assert sorted(got) == [0, 1]
+    assert len(ended) == 3
+    assert max(ended) - closed_at < 0.5
+    rx.close()
+    report_rx.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_last_receiver_closing_elsewhere_breaks_blocked_senders(
+    ctx: multiprocessing.context.BaseContext, backend: str
+) -> None:
+    tx, rx = aioshm.open_channel[int](capacity=1, max_message_size=64)
+    report_tx, report_rx = aioshm.open_channel[float](capacity=1, max_message_size=64)
+    child = ctx.Process(target=workers.close_after, args=(rx, report_tx, 0.5))
+    child.start()
+    rx.close()
+    report_tx.close()
+    broken: list[float] = []
+
+    async def sender() -> None:
+        with pytest.raises(anyio.BrokenResourceError):
+            await tx.send(1)
+        broken.append(time.monotonic())
+
+    async def main() -> None:
+        await tx.send(0)  # fills the only slot
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(sender)
+
+    anyio.run(main, backend=backend)
+    closed_at = report_rx.recv_blocking(timeout=10)
+    join_all([child])
+    assert len(broken) == 3
+    assert max(broken) - closed_at < 0.5
+    tx.close()
+    report_rx.close()
+
+
+def test_blocking_threads_are_woken_by_close() -> None:
+    tx, rx = aioshm.open_channel[int](capacity=1, max_message_size=64)
+    errors: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            rx.recv_blocking(timeout=30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    wait_until(lambda: rx.statistics().tasks_waiting_receive == 1, what="the thread to block")
+    start = time.monotonic()
+    rx.close()
+    thread.join(5)
+    assert time.monotonic() - start < 0.5
+    assert [type(e) for e in errors] == [anyio.ClosedResourceError]
+    tx.close()
+
+
+def test_process_exits_promptly_when_its_loop_ends_with_blocked_tasks(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    """A process whose event loop ends while tasks are blocked in recv and send exits
+    within 1 s: no hang in asyncio.run teardown or at interpreter exit."""
+    tx, rx = aioshm.open_channel[str](capacity=1, max_message_size=64)
+    report_tx, report_rx = aioshm.open_channel[float](capacity=1, max_message_size=64)
+    other_rx = rx  # the child blocks in recv on a channel nobody sends to, ...
+    other_tx, _keep_rx = aioshm.open_channel[str](capacity=1, max_message_size=64)
+    child = ctx.Process(
+        target=workers.loop_ends_with_blocked_tasks, args=(other_rx, other_tx, report_tx)
+    )
+    child.start()
+    report_tx.close()
+    loop_done = report_rx.recv_blocking(timeout=60)
+    child.join(5)
+    assert child.exitcode == 0
+    exited = time.monotonic()
+    assert exited - loop_done < 1.0
+    for handle in (tx, rx, other_tx, _keep_rx, report_rx):
+        handle.close()
+
+
+def test_fork_while_waits_are_in_flight() -> None:
+    """Forking while this process has tasks asleep in the hubs (their threads do not
+    exist in the child) leaves a child that can use the handles passed to it, and the
+    parent's waits carry on. (The event loop runs in another thread: forking from inside
+    a running loop is unsupported by asyncio and trio themselves.)"""
+    ctx = multiprocessing.get_context("fork")
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=256)
+    idle_tx, idle_rx = aioshm.open_channel[Any](capacity=1, max_message_size=64)
+    woken: list[Any] = []
+
+    async def waiters() -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+
+                async def wait() -> None:
+                    woken.append(await idle_rx.recv())
+
+                tg.start_soon(wait)
+
+    loop_thread = threading.Thread(target=anyio.run, args=(waiters,))
+    loop_thread.start()
+    wait_until(lambda: idle_rx.statistics().tasks_waiting_receive == 3, what="waiters")
+    child = ctx.Process(target=workers.produce, args=(tx, 7, 50, "trio"))
+    child.start()  # forks while the hub thread sleeps on the doorbell
+    tx.close()
+    got = []
+    while True:
+        try:
+            got.append(rx.recv_blocking(timeout=30))
+        except anyio.EndOfStream:
+            break
+    join_all([child])
+    assert got == [(7, i) for i in range(50)]
+    for i in range(3):
+        idle_tx.send_blocking(i, timeout=10)
+    loop_thread.join(10)
+    assert sorted(woken) == [0, 1, 2]
+    for handle in (rx, idle_tx, idle_rx):
+        handle.close()
+
+
+LEAK_SCRIPT = textwrap.dedent(
+    """
+    import gc, multiprocessing, os, sys, threading, time
+    import aioshm
+
+    def child(pairs):
+        for tx, rx in pairs:
+            tx.send_blocking(b"ping", timeout=10)
+            assert rx.recv_blocking(timeout=10) == b"pong"
+            tx.close(); rx.close()
+
+    def snapshot():
+        gc.collect()
+        return (
+            threading.active_count(),
+            len(os.listdir("/proc/self/task")),
+            len(os.listdir("/proc/self/fd")),
+            sorted(os.listdir("/dev/shm")),
+        )
+
+    def run(method, channels, per_child):
+        ctx = multiprocessing.get_context(method)
+        for _ in range(channels // per_child):
+            ours, theirs = [], []
+            for _ in range(per_child):
+                a_tx, a_rx = aioshm.open_channel(capacity=2, max_message_size=64)
+                b_tx, b_rx = aioshm.open_channel(capacity=2, max_message_size=64)
+                ours.append((b_tx, a_rx))
+                theirs.append((a_tx, b_rx))
+            proc = ctx.Process(target=child, args=(theirs,))
+            proc.start()
+            for tx, rx in theirs:
+                tx.close(); rx.close()
+            for tx, rx in ours:
+                assert rx.recv_blocking(timeout=30) == b"ping"
+                tx.send_blocking(b"pong", timeout=30)
+                tx.close(); rx.close()
+            proc.join(30)
+            assert proc.exitcode == 0
+
+    if __name__ == "__main__":
+        run("fork", 40, 20)  # warm up: imports, forkserver, lazy allocations
+        run("forkserver", 20, 20)
+        before = snapshot()
+        run("fork", 600, 20)
+        run("spawn", 200, 50)
+        run("forkserver", 200, 50)
+        after = snapshot()
+        print("before", before[:3], "after", after[:3], flush=True)
+        assert after[:3] == before[:3], (before, after)
+        assert after[3] == before[3], set(after[3]) ^ set(before[3])
+        print("no leaks")
+    """
+)
+
+
+def test_a_thousand_channels_leave_nothing_behind(tmp_path: Any) -> None:
+    """1,000 channels opened, used across processes (fork, spawn, forkserver) and closed
+    leave no growth in threads, file descriptors, /dev/shm entries or semaphores (no
+    "leaked semaphore" warning at exit)."""
+    script = tmp_path / "leaks.py"
+    script.write_text(LEAK_SCRIPT)
+    shm_before = set(os.listdir("/dev/shm"))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no leaks" in result.stdout
+    assert "leaked" not in result.stderr, result.stderr
+    assert set(os.listdir("/dev/shm")) <= shm_before | set()  # nothing left behind
