@@ -53,9 +53,9 @@ def test_killed_sole_sender_ends_the_stream_after_drain(
     wait_until(lambda: rx.statistics().free_slots == 0, what="the child to fill the channel")
 
     async def main() -> float:
+        killed_at = kill(child)  # blocked in send, the channel full
         got = [await rx.recv(), await rx.recv()]  # what was sent is delivered...
         assert got == ["filler", "filler"]
-        killed_at = kill(child)
         with pytest.raises(anyio.EndOfStream):  # ...then the stream ends
             with anyio.fail_after(10):
                 await rx.recv()
