@@ -1,0 +1,343 @@
+"""Zero-copy receive (recv_view), preallocated receive (recv_into), batches
+(send_many / recv_many) and zero-copy send (send_loan)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import aioshm
+
+from .helpers import join_all
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def address(array: np.ndarray[Any, Any]) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def inside_segment(channel: Any, array: np.ndarray[Any, Any]) -> bool:
+    segment = channel._queue.segment
+    return segment.address <= address(array) < segment.address + segment.layout.size
+
+
+def intact(channel: Any) -> bool:
+    stats = channel.statistics()
+    return stats.free_slots == stats.max_buffer_size and stats.slots_in_use == 0
+
+
+# ---------------------------------------------------------------- recv_view
+
+
+@pytest.mark.anyio
+async def test_recv_view_is_zero_copy_and_read_only() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=1 << 20)
+    sent = np.arange(1000, dtype=np.float64).reshape(10, 100)
+    await tx.send(sent)
+    async with rx.recv_view() as view:
+        assert inside_segment(rx, view)  # the data was not copied out of the slot
+        assert np.array_equal(view, sent) and view.dtype == sent.dtype
+        assert not view.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            view[0, 0] = 1.0
+        assert rx.statistics().slots_in_use == 1
+    assert intact(rx)
+    await tx.send(b"raw bytes")
+    async with rx.recv_view() as view:
+        assert view.dtype == np.uint8 and view.tobytes() == b"raw bytes"
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.anyio
+async def test_recv_view_releases_on_exception_and_cancellation() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=1, max_message_size=4096)
+    await tx.send(np.ones(8))
+    with pytest.raises(KeyError):
+        async with rx.recv_view():
+            raise KeyError
+    assert intact(rx)
+    await tx.send(np.ones(8))
+    with anyio.CancelScope() as scope:
+        async with rx.recv_view():
+            scope.cancel()
+            await anyio.sleep(1)
+    assert scope.cancelled_caught and intact(rx)
+    with anyio.move_on_after(0.05) as scope:  # cancelled while waiting: nothing taken
+        async with rx.recv_view():
+            raise AssertionError("nothing to view")
+    assert scope.cancelled_caught
+    await tx.send(np.arange(3))
+    assert (await rx.recv()).tolist() == [0, 1, 2]
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.anyio
+async def test_recv_view_of_a_pickle_leaves_it_for_recv() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=4096)
+    await tx.send({"not": "an array"})
+    with pytest.raises(TypeError, match="pickled"):
+        async with rx.recv_view():
+            pass
+    assert await rx.recv() == {"not": "an array"}
+    assert intact(rx)
+    tx.close()
+    rx.close()
+
+
+# ---------------------------------------------------------------- recv_into
+
+
+@pytest.mark.anyio
+async def test_recv_into() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=1 << 20)
+    out = np.empty((3, 4), dtype=np.int32)
+    sent = np.arange(12, dtype=np.int32).reshape(3, 4)
+    await tx.send(sent)
+    assert await rx.recv_into(out) is out
+    assert np.array_equal(out, sent)
+    await tx.send(sent.astype(np.int64))
+    with pytest.raises(ValueError, match="does not fit"):
+        await rx.recv_into(out)
+    with pytest.raises(ValueError, match="does not fit"):
+        await rx.recv_into(np.empty((4, 3), np.int64))
+    got = np.empty((3, 4), np.int64)
+    await rx.recv_into(got)  # the message was still there
+    assert np.array_equal(got, sent)
+    await tx.send(["pickled"])
+    with pytest.raises(TypeError):
+        await rx.recv_into(out)
+    assert await rx.recv() == ["pickled"]
+    assert intact(rx)
+    tx.close()
+    rx.close()
+
+
+# ---------------------------------------------------------------- batches
+
+
+@pytest.mark.anyio
+async def test_send_many_and_recv_many() -> None:
+    tx, rx = aioshm.open_channel[int](capacity=64, max_message_size=256)
+    await tx.send_many(range(50))
+    assert rx.statistics().current_buffer_used == 50
+    first = await rx.recv_many(20)
+    rest = await rx.recv_many(1000)
+    assert first == list(range(20)) and rest == list(range(20, 50))
+    with pytest.raises(ValueError):
+        await rx.recv_many(0)
+
+    got: list[int] = []
+
+    async def consumer() -> None:
+        async with rx:
+            while True:
+                try:
+                    got.extend(await rx.recv_many(7))
+                except anyio.EndOfStream:
+                    return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer)
+        async with tx:
+            for start in range(0, 1000, 100):  # batches larger than the capacity wait
+                await tx.send_many(range(start, start + 100))
+    assert got == list(range(1000))
+
+
+@pytest.mark.anyio
+async def test_send_many_bad_item_sends_nothing() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=8, max_message_size=64)
+    with pytest.raises(ValueError, match="max_message_size"):
+        await tx.send_many([1, 2, b"x" * 100, 4])
+    with pytest.raises(TypeError, match="pickled"):
+        await tx.send_many([1, lambda: 2])
+    assert rx.statistics().current_buffer_used == 0
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.anyio
+async def test_cancelled_batches_report_or_did_not_happen() -> None:
+    tx, rx = aioshm.open_channel[int](capacity=4, max_message_size=64)
+    for i in range(4):
+        await tx.send(-1 - i)
+    # Cancelled before the first round: nothing was sent.
+    with anyio.CancelScope() as scope:
+        scope.deadline = anyio.current_time() + 0.05
+        try:
+            await tx.send_many(range(10))
+        except anyio.get_cancelled_exc_class() as exc:
+            assert aioshm.items_sent(exc) == 0
+            raise
+    assert scope.cancelled_caught
+    assert await rx.recv_many(10) == [-1, -2, -3, -4]
+    # Cancelled after rounds went through: they stay sent, and the count says how many.
+    sent = -1
+    with anyio.CancelScope() as scope:
+        scope.deadline = anyio.current_time() + 0.05
+        try:
+            await tx.send_many(range(10))
+        except anyio.get_cancelled_exc_class() as exc:
+            sent = aioshm.items_sent(exc)
+            raise
+    assert sent == 4
+    assert await rx.recv_many(10) == [0, 1, 2, 3]
+    # recv_many cancelled while waiting took nothing.
+    with anyio.move_on_after(0.05):
+        await rx.recv_many(10)
+    await tx.send(99)
+    assert rx.recv_nowait() == 99
+    tx.close()
+    rx.close()
+
+
+# ---------------------------------------------------------------- send_loan
+
+
+@pytest.mark.anyio
+async def test_loan_is_zero_copy_end_to_end() -> None:
+    """With one slot, the loaned buffer is the very memory the receiver views."""
+    tx, rx = aioshm.open_channel[Any](capacity=1, max_message_size=1 << 20)
+    async with tx.send_loan((256, 256), np.float32) as buf:
+        assert inside_segment(tx, buf)
+        assert buf.flags.c_contiguous and buf.flags.writeable
+        buf[:] = 3.0
+        loaned_at = address(buf)
+    with pytest.raises(ValueError, match="read-only"):
+        buf[0, 0] = 1.0  # after the block: caught
+    async with rx.recv_view() as view:
+        assert address(view) == loaned_at
+        assert view.shape == (256, 256) and view.dtype == np.float32
+        assert (view == 3.0).all()
+    assert intact(rx)
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.anyio
+async def test_loan_exit_by_exception_or_cancellation_sends_nothing() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=1, max_message_size=4096)
+    with pytest.raises(RuntimeError):
+        async with tx.send_loan(8) as buf:
+            buf[:] = 1
+            raise RuntimeError
+    assert intact(tx)
+    with anyio.CancelScope() as scope:
+        async with tx.send_loan(8):
+            scope.cancel()
+            await anyio.sleep(1)
+    assert scope.cancelled_caught and intact(tx)
+    await tx.send("fills the only slot")
+    with anyio.move_on_after(0.05) as scope:  # cancelled while waiting for a slot
+        async with tx.send_loan(8):
+            raise AssertionError("no slot was free")
+    assert scope.cancelled_caught
+    assert await rx.recv() == "fills the only slot"
+    with pytest.raises(anyio.WouldBlock):
+        rx.recv_nowait()
+    assert intact(tx)
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.anyio
+async def test_held_loan_holds_up_no_one() -> None:
+    """While a loan is held, other senders' messages flow past it; order is the order
+    of publication."""
+    tx, rx = aioshm.open_channel[Any](capacity=3, max_message_size=4096)
+    tx2 = tx.clone()
+    async with tx.send_loan(4, np.int64) as buf:
+        buf[:] = 42
+        for i in range(10):  # more messages than slots go through meanwhile
+            await tx2.send(i)
+            assert await rx.recv() == i
+        assert tx.statistics().slots_in_use == 1
+    await tx2.send("after")
+    assert (await rx.recv()).tolist() == [42] * 4
+    assert await rx.recv() == "after"
+    for handle in (tx, tx2, rx):
+        handle.close()
+
+
+@pytest.mark.anyio
+async def test_loan_errors_and_bounds() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=1024)
+    await tx.send(1)
+    await tx.send(2)  # full: an oversize loan must fail at once, not wait
+    with anyio.fail_after(1), pytest.raises(ValueError, match="max_message_size of 1024"):
+        tx.send_loan(129, np.float64)
+    with pytest.raises(TypeError):
+        tx.send_loan(4, object)
+    assert rx.recv_nowait() == 1
+    assert rx.recv_nowait() == 2
+    async with tx.send_loan(4) as a, tx.send_loan(4) as b:  # up to capacity loans at once
+        a[:] = 1
+        b[:] = 2
+        with anyio.move_on_after(0.05) as scope:  # asking for more waits
+            async with tx.send_loan(4):
+                pass
+        assert scope.cancelled_caught
+    assert {float(rx.recv_nowait()[0]) for _ in range(2)} == {1.0, 2.0}
+    with pytest.raises(TimeoutError):
+        tx.send_blocking("x")
+        tx.send_blocking("y")
+        with tx.send_loan_blocking(4, timeout=0.05):
+            pass
+    rx.close()
+    with pytest.raises(anyio.BrokenResourceError):
+        async with tx.send_loan(4):
+            pass
+    tx.close()
+    with pytest.raises(anyio.ClosedResourceError):
+        async with tx.send_loan(4):
+            pass
+
+
+@pytest.mark.anyio
+async def test_closing_during_a_loan_returns_the_slot() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=1, max_message_size=1024)
+    with pytest.raises(anyio.ClosedResourceError):
+        async with tx.send_loan(4):
+            tx.close()
+    assert intact(rx)
+    with pytest.raises(anyio.EndOfStream):
+        rx.recv_nowait()
+    rx.close()
+
+
+def _fill_loans(tx: aioshm.SendChannel[Any], count: int) -> None:
+    with tx:
+        for i in range(count):
+            with tx.send_loan_blocking((512, 512), np.uint8, timeout=30) as buf:
+                buf.fill(i % 256)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_loans_across_processes(method: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=512 * 512)
+    child = ctx.Process(target=_fill_loans, args=(tx, 20))
+    child.start()
+    tx.close()
+
+    async def main() -> list[int]:
+        seen = []
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    async with rx.recv_view() as view:
+                        assert (view == view[0, 0]).all()  # never a torn message
+                        seen.append(int(view[0, 0]))
+                except anyio.EndOfStream:
+                    return seen
+
+    assert anyio.run(main) == list(range(20))
+    join_all([child])
+    rx.close()
