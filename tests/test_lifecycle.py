@@ -249,3 +249,55 @@ def test_a_thousand_channels_leave_nothing_behind(tmp_path: Any) -> None:
     assert "no leaks" in result.stdout
     assert "leaked" not in result.stderr, result.stderr
     assert set(os.listdir("/dev/shm")) <= shm_before | set()  # nothing left behind
+
+
+@pytest.mark.anyio
+async def test_fast_path_never_touches_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Operations that can proceed at once start no thread, not even the hub's."""
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def spy(self: threading.Thread) -> None:
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", spy)
+    tx, rx = aioshm.open_channel[Any](capacity=8, max_message_size=4096)
+    for i in range(500):
+        await tx.send(i)
+        assert await rx.recv() == i
+    await tx.send_many(range(8))
+    assert await rx.recv_many(8) == list(range(8))
+    async with tx.send_loan(4):
+        pass
+    async with rx.recv_view():
+        pass
+    ours = [t for t in started if t.name.startswith("aioshm")]
+    assert ours == []
+    with anyio.move_on_after(0.05):
+        await rx.recv()  # this one must wait: now the hub thread starts
+    assert [t.name for t in started if t.name.startswith("aioshm")] == ["aioshm-hub-1"]
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.anyio
+async def test_no_thread_is_left_after_close() -> None:
+    baseline = threading.active_count()
+    tx, rx = aioshm.open_channel[Any](capacity=1, max_message_size=64)
+    await tx.send("fills")
+    clones = [rx.clone() for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tx.send, "blocked")
+        for clone in clones:  # two receive what was sent; the third waits
+            tg.start_soon(clone.recv)
+        with anyio.fail_after(10):
+            while rx.statistics().tasks_waiting_receive < 1:
+                await anyio.sleep(0.005)
+        assert threading.active_count() > baseline
+        tg.cancel_scope.cancel()
+    for handle in (tx, rx, *clones):
+        handle.close()
+    with anyio.fail_after(2):  # the hub threads exit once their object is closed here
+        while threading.active_count() > baseline:
+            await anyio.sleep(0.01)
