@@ -27,7 +27,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, Generic, NamedTuple, NoReturn, Self, TypeVar
+from typing import Any, Generic, NamedTuple, NoReturn, Self, TypeVar, cast
 
 import numpy as np
 from anyio import BrokenResourceError, ClosedResourceError, WouldBlock
@@ -267,7 +267,7 @@ class _Handle:
         return self._queue.reserve(opened, popen)
 
     def _claim(self, reservation: object) -> None:
-        entry, nonce = reservation  # type: ignore[misc]
+        entry, nonce = cast(tuple[int, int], reservation)
         self._entry = entry
         self._owned = self._usable = self._queue.claim_reservation(entry, nonce)
         self._lost = not self._owned
@@ -654,7 +654,7 @@ class _View:
         self._rx._queue.release(self._slot)
 
 
-class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):  # noqa: N801
+class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):
     """Open a channel and return its ``(send, receive)`` handles.
 
     The item type can be given like anyio's memory streams:

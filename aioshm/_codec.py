@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -152,7 +152,8 @@ def array_layout(dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) ->
     for dim in shape:
         nbytes *= dim
     fixed = _FIXED.pack(ARRAY, flags, len(shape), len(descr), nbytes)
-    header = _pad_header(fixed + _pad_to(descr, len(fixed)) + struct.pack(f"<{len(shape)}q", *shape))
+    shape_bytes = struct.pack(f"<{len(shape)}q", *shape)
+    header = _pad_header(fixed + _pad_to(descr, len(fixed)) + shape_bytes)
     if len(_header_cache) >= _CACHE_LIMIT:
         _header_cache.clear()
     _header_cache[key] = header
@@ -246,7 +247,13 @@ def _encode_pickle(obj: object, limit: int) -> Encoded:
 class _ArrayInfo:
     __slots__ = ("dtype", "offset", "order", "shape")
 
-    def __init__(self, dtype: np.dtype[Any], shape: tuple[int, ...], order: str, offset: int):
+    def __init__(
+        self,
+        dtype: np.dtype[Any],
+        shape: tuple[int, ...],
+        order: Literal["C", "F"],
+        offset: int,
+    ) -> None:
         self.dtype = dtype
         self.shape = shape
         self.order = order
@@ -277,9 +284,7 @@ def _array_info(message: memoryview | bytearray) -> _ArrayInfo:
 
 
 def _array_view(message: memoryview | bytearray, info: _ArrayInfo) -> Array:
-    return np.ndarray(
-        info.shape, info.dtype, buffer=message, offset=info.offset, order=info.order
-    )
+    return np.ndarray(info.shape, info.dtype, buffer=message, offset=info.offset, order=info.order)
 
 
 def decode(message: memoryview | bytearray, owned: bool) -> Any:

@@ -39,8 +39,9 @@ class FloatChannel:
         if array.ndim != 1:
             raise ValueError(f"values must be one-dimensional, not of shape {array.shape}")
         if len(array) > self.maxsize:
-            raise ValueError(f"{len(array)} values is more than this channel's maxsize of "
-                             f"{self.maxsize}")
+            raise ValueError(
+                f"{len(array)} values is more than this channel's maxsize of {self.maxsize}"
+            )
         return array
 
     async def send(self, values: Sequence[float] | np.ndarray[Any, Any]) -> None:

@@ -79,7 +79,7 @@ def reserve_for_spawn(handle: Owned) -> object:
 
 def _process_being_forked() -> tuple[object, object] | None:
     """``(popen, process)`` if ``multiprocessing`` is forking right now."""
-    launch = getattr(popen_fork.Popen._launch, "__code__", None)
+    launch = getattr(getattr(popen_fork.Popen, "_launch", None), "__code__", None)
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is launch:

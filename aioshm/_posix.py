@@ -20,6 +20,8 @@ import errno
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["MUTEX_SIZE", "SEM_SIZE", "Reentered", "RobustMutex", "SharedSemaphore", "supported"]
 
@@ -71,16 +73,15 @@ if supported():
     _sem_trywait = _bind(_libc_gil, "sem_trywait", _vp)
     _sem_getvalue = _bind(_libc_gil, "sem_getvalue", _vp, ctypes.POINTER(ctypes.c_int))
     _sem_wait = _bind(_libc, "sem_wait", _vp)
+    _sem_clockwait: Callable[[int, int, Any], int]
     if hasattr(_libc, "sem_clockwait"):  # glibc >= 2.30: wait against the monotonic clock
-        _sem_clockwait = _bind(
-            _libc, "sem_clockwait", _vp, ctypes.c_int, ctypes.POINTER(_Timespec)
-        )
+        _sem_clockwait = _bind(_libc, "sem_clockwait", _vp, ctypes.c_int, ctypes.POINTER(_Timespec))
         _sem_timed_clock = time.CLOCK_MONOTONIC
     else:  # pragma: no cover - musl
-        _clockwait = _bind(_libc, "sem_timedwait", _vp, ctypes.POINTER(_Timespec))
+        _timedwait = _bind(_libc, "sem_timedwait", _vp, ctypes.POINTER(_Timespec))
 
-        def _sem_clockwait(sem: int, _clock: int, ts: ctypes._Pointer[_Timespec]) -> int:
-            return int(_clockwait(sem, ts))
+        def _sem_clockwait(sem: int, _clock: int, ts: Any) -> int:
+            return int(_timedwait(sem, ts))
 
         _sem_timed_clock = time.CLOCK_REALTIME
 

@@ -171,8 +171,8 @@ class SharedObject:
     def reserve(self, opened: tuple[int, int], popen: object) -> tuple[int, int]:
         """Reserve an entry for a child being started by ``popen``.
 
-        The child claims it with :meth:`claim_reservation`. Until then the entry lives as long as this
-        process does, and once the child's pid is known, as long as the child does.
+        The child claims it with :meth:`claim_reservation`. Until then the entry lives as
+        long as this process does, and once the child's pid is known, as long as the child.
         """
         pid, started = _procs.my_identity()
         nonce = int.from_bytes(secrets.token_bytes(7), "little") or 1

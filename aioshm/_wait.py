@@ -193,10 +193,10 @@ class Hub:
                 else:
                     forward = False
                 while not forward and not self._waiters:
-                    if self._closed or not self._work.wait(LINGER):
-                        if not self._waiters:
-                            self._thread = None
-                            return
+                    idle = self._closed or not self._work.wait(LINGER)
+                    if idle and not self._waiters:
+                        self._thread = None
+                        return
                 reserved = self._woken
             if forward:  # a wake-up nobody here can use any more
                 obj.forward(side)

@@ -46,7 +46,9 @@ def test_float_channel_example(method: str) -> None:
 
 
 def test_float_channel_example_sizes_and_trio() -> None:
-    result = run("examples/float_channel.py", "--count", "3", "--messages", "2", "--backend", "trio")
+    result = run(
+        "examples/float_channel.py", "--count", "3", "--messages", "2", "--backend", "trio"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("received: [0.0, 1.0, 2.0]") == 2
     assert result.stdout.splitlines()[-1] == "done"

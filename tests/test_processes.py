@@ -26,9 +26,7 @@ def test_producers_then_parent_closes_its_end(
     """Pattern 1: the parent starts producers with ``tx``, closes its own ``tx`` at once,
     then iterates ``rx``: it sees every message, then a clean end."""
     tx, rx = aioshm.open_channel[Any](capacity=4, max_message_size=256)
-    procs = [
-        ctx.Process(target=workers.produce, args=(tx, p, 300, backend)) for p in range(3)
-    ]
+    procs = [ctx.Process(target=workers.produce, args=(tx, p, 300, backend)) for p in range(3)]
     for proc in procs:
         proc.start()
     tx.close()
@@ -161,7 +159,7 @@ def test_passed_handle_is_owned_under_fork() -> None:
 
 def test_pickling_outside_process_start_is_refused() -> None:
     tx, rx = aioshm.open_channel[Any](capacity=1, max_message_size=64)
-    with tx, rx, pytest.raises(RuntimeError, match="argument of multiprocessing.Process"):
+    with tx, rx, pytest.raises(RuntimeError, match=r"argument of multiprocessing\.Process"):
         pickle.dumps(tx)
 
 
