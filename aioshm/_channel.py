@@ -35,7 +35,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.lowlevel import checkpoint
 
 from . import _ownership
-from ._codec import Encoded, copy_into, decode, encode, loan_layout, view
+from ._codec import Message, copy_into, decode, encode, loan_layout, view
 from ._layout import HEADER_RESERVE
 from ._posix import Reentered, supported
 from ._shared import RECV, SEND
@@ -137,6 +137,7 @@ class _Handle:
         self._lost = False
         self._usable = owned
         self._ticks = 0
+        self._limit = channel.queue.max_message_size
         channel.opened()
         _ownership.track(self)
 
@@ -157,6 +158,7 @@ class _Handle:
         )
 
     async def _tick(self) -> None:
+        """The fairness yield (inlined in the hottest paths)."""
         self._ticks += 1
         if self._ticks >= YIELD_EVERY:
             self._ticks = 0
@@ -318,10 +320,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
 
     _side = SEND
 
-    def _encode(self, item: object) -> Encoded:
-        return encode(item, self._queue.max_message_size)
-
-    def _put(self, message: Encoded) -> None:
+    def _put(self, message: Message) -> None:
         if not self._usable:
             self._raise_unusable()
         self._queue.try_put(self._entry, message)
@@ -337,7 +336,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         """
         if not self._usable:
             self._raise_unusable()
-        self._put(self._encode(item))
+        self._queue.try_put(self._entry, encode(item, self._limit))
 
     async def send(self, item: T_contra) -> None:
         """Send ``item``, waiting for a free slot if there is none.
@@ -346,10 +345,13 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
 
         Cancellation: if cancelled, the item was not sent, and nothing is held for it.
         """
-        await self._tick()
+        self._ticks += 1
+        if self._ticks >= YIELD_EVERY:
+            self._ticks = 0
+            await checkpoint()
         if not self._usable:
             self._raise_unusable()
-        message = self._encode(item)
+        message = encode(item, self._limit)
         try:
             self._queue.try_put(self._entry, message)
         except WouldBlock:
@@ -365,7 +367,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         """
         if not self._usable:
             self._raise_unusable()
-        self._block(functools.partial(self._put, self._encode(item)), timeout)
+        self._block(functools.partial(self._put, encode(item, self._limit)), timeout)
 
     async def send_many(self, items: Iterable[T_contra]) -> None:
         """Send every item, in order, taking one locked round for as many as fit.
@@ -380,7 +382,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         await self._tick()
         if not self._usable:
             self._raise_unusable()
-        limit = self._queue.max_message_size
+        limit = self._limit
         batch = [encode(item, limit) for item in items]
         sent = 0
         try:
@@ -396,7 +398,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
                 _note_partial(exc, sent)
             raise
 
-    def _put_many(self, batch: Sequence[Encoded], start: int) -> int:
+    def _put_many(self, batch: Sequence[Message], start: int) -> int:
         if not self._usable:
             self._raise_unusable()
         return self._queue.try_put_many(self._entry, batch[start:])
@@ -542,9 +544,14 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         Cancellation: if cancelled, nothing was received: the message stays for the
         next receiver.
         """
-        await self._tick()
+        self._ticks += 1
+        if self._ticks >= YIELD_EVERY:
+            self._ticks = 0
+            await checkpoint()
+        if not self._usable:
+            self._raise_unusable()
         try:
-            return self._get()
+            return self._queue.try_get(self._entry, decode)  # type: ignore[no-any-return]
         except WouldBlock:
             return await self._hub.retry(self._get, self)
 

@@ -11,9 +11,13 @@ small message is one contiguous run of bytes with no gap to copy. Three kinds::
     PICKLE  anything else, with pickle protocol 5; out-of-band buffers (numpy arrays
             inside the object, say) follow the pickle stream, each 64-byte aligned.
 
-The header is ``<B kind, B flags, H ndim_or_nbuffers, I descr_len, Q payload_len>``,
-then for arrays the dtype descriptor and the shape, for pickles the buffer lengths,
-padded to a multiple of 16 bytes.
+The header is ``<B kind, B flags, H header_len, H ndim_or_nbuffers, H descr_len,
+Q payload_len>``, then for arrays the dtype descriptor and the shape, for pickles the
+buffer lengths, padded to a multiple of 16 bytes; ``header_len`` is that padded length,
+so a receiver finds the payload (and the cache key for an array's header) at once.
+
+Small messages are prebuilt as one image (header and payload together) before the slot
+is taken, so that writing them is a single copy.
 
 The *encoded size*, checked against ``max_message_size``, is the payload plus whatever
 of the header does not fit in the reserved header space: for an array, its ``nbytes``.
@@ -24,6 +28,7 @@ the result may keep pointing into it) or from the slot itself (the result must c
 
 from __future__ import annotations
 
+import math
 import pickle
 import struct
 from typing import Any, Final, Literal
@@ -32,7 +37,7 @@ import numpy as np
 
 from ._layout import ALIGN, HEADER_RESERVE
 
-__all__ = ["Encoded", "copy_into", "decode", "encode", "loan_layout", "view"]
+__all__ = ["Message", "copy_into", "decode", "encode", "loan_layout", "view"]
 
 ARRAY: Final = 1
 BYTES: Final = 2
@@ -41,7 +46,7 @@ PICKLE: Final = 3
 _FORTRAN = 1  # flag: the array is laid out in Fortran order
 _PICKLED_DTYPE = 2  # flag: the dtype descriptor is a pickled np.dtype, not dtype.str
 
-_FIXED = struct.Struct("<BBHIQ")
+_FIXED = struct.Struct("<BBHHHQ")
 _HEADER_ALIGN = 16
 #: Messages up to this size are written from one prebuilt image of header and payload.
 _IMAGE_LIMIT = 8192
@@ -63,18 +68,17 @@ def _data_offset(header_len: int) -> int:
 
 
 class Encoded:
-    """A message ready to be written into a slot.
+    """A large message ready to be written into a slot: copied piece by piece.
 
     It occupies ``slot[start:length]``; ``size`` is its encoded size.
     """
 
-    __slots__ = ("_array", "_buffers", "_data", "_header", "_image", "length", "size", "start")
+    __slots__ = ("_array", "_buffers", "_data", "_header", "length", "size", "start")
 
     def __init__(
         self,
         header: bytes,
         payload_len: int,
-        image: bytes | None,
         array: Array | None = None,
         data: Any = None,
         buffers: list[memoryview] | None = None,
@@ -84,16 +88,12 @@ class Encoded:
         self.length = offset + payload_len
         self.size = self.length - HEADER_RESERVE
         self._header = header
-        self._image = image
         self._array = array
         self._data = data
         self._buffers = buffers
 
     def write(self, slot: memoryview) -> None:
         """Copy the message into a slot's memory."""
-        if self._image is not None:
-            slot[self.start : self.length] = self._image
-            return
         offset = self.start + len(self._header)
         slot[self.start : offset] = self._header
         if self._array is not None:
@@ -120,13 +120,12 @@ def _is_fortran(array: Array) -> bool:
     return bool(flags.f_contiguous and not flags.c_contiguous)
 
 
-def _check_size(message: Encoded, limit: int, what: str) -> Encoded:
-    if message.size > limit:
+def _check_size(size: int, limit: int, what: str) -> None:
+    if size > limit:
         raise ValueError(
-            f"{what} encodes to {message.size} bytes, more than the channel's "
+            f"{what} encodes to {size} bytes, more than the channel's "
             f"max_message_size of {limit} bytes; nothing was sent"
         )
-    return message
 
 
 # ---------------------------------------------------------------- array headers
@@ -151,9 +150,13 @@ def array_layout(dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) ->
     nbytes = dtype.itemsize
     for dim in shape:
         nbytes *= dim
-    fixed = _FIXED.pack(ARRAY, flags, len(shape), len(descr), nbytes)
-    shape_bytes = struct.pack(f"<{len(shape)}q", *shape)
-    header = _pad_header(fixed + _pad_to(descr, len(fixed)) + shape_bytes)
+    body = _pad_to(descr, _FIXED.size) + struct.pack(f"<{len(shape)}q", *shape)
+    header_len = len(_pad_header(b"\0" * _FIXED.size + body))
+    if header_len > 0xFFFF or len(descr) > 0xFFFF:
+        raise TypeError(f"dtype {dtype} is too complex for a raw-bytes header")
+    header = _pad_header(
+        _FIXED.pack(ARRAY, flags, header_len, len(shape), len(descr), nbytes) + body
+    )
     if len(_header_cache) >= _CACHE_LIMIT:
         _header_cache.clear()
     _header_cache[key] = header
@@ -177,7 +180,43 @@ def loan_layout(dtype: np.dtype[Any], shape: tuple[int, ...]) -> tuple[bytes, in
 # ---------------------------------------------------------------- encoding
 
 
-def encode(obj: object, limit: int) -> Encoded:
+class _Image:
+    """A small message written from one prebuilt image of header and payload."""
+
+    __slots__ = ("image", "length", "size", "start")
+
+    def __init__(self, start: int, length: int, image: bytes) -> None:
+        self.start = start
+        self.length = length
+        self.size = length - HEADER_RESERVE
+        self.image = image
+
+    def write(self, slot: memoryview) -> None:
+        slot[self.start : self.length] = self.image
+
+
+class _ArrayPlan:
+    """How arrays of one dtype, shape and order are laid out (cached)."""
+
+    __slots__ = ("header", "length", "nbytes", "order", "size", "start")
+
+    def __init__(self, dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) -> None:
+        self.header = array_layout(dtype, shape, fortran)
+        offset = _data_offset(len(self.header))
+        self.nbytes = dtype.itemsize * math.prod(shape)
+        self.start = offset - len(self.header)
+        self.length = offset + self.nbytes
+        self.size = self.length - HEADER_RESERVE
+        self.order: Literal["C", "F"] = "F" if fortran else "C"
+
+
+_plans: dict[tuple[np.dtype[Any], tuple[int, ...], bool], _ArrayPlan] = {}
+
+#: A message ready to be written into a slot.
+Message = Encoded | _Image
+
+
+def encode(obj: object, limit: int) -> Message:
     """Encode ``obj`` for a slot of ``limit`` payload bytes.
 
     Raises ``ValueError`` if it does not fit and ``TypeError`` if it cannot be pickled.
@@ -185,25 +224,29 @@ def encode(obj: object, limit: int) -> Encoded:
     kind = type(obj)
     if kind is np.ndarray:
         array: Array = obj  # type: ignore[assignment]
-        if not array.dtype.hasobject:
-            fortran = not array.flags.c_contiguous and array.flags.f_contiguous
-            header = array_layout(array.dtype, array.shape, fortran)
-            nbytes = array.nbytes
-            if nbytes <= _IMAGE_LIMIT:
-                image = header + array.tobytes("F" if fortran else "C")
-                message = Encoded(header, nbytes, image)
-            else:
-                message = Encoded(header, nbytes, None, array=array)
-            return _check_size(message, limit, f"an array of {nbytes} bytes")
+        flags = array.flags
+        fortran = not flags.c_contiguous and flags.f_contiguous
+        key = (array.dtype, array.shape, fortran)
+        plan = _plans.get(key)
+        if plan is None and not array.dtype.hasobject:
+            if len(_plans) >= _CACHE_LIMIT:
+                _plans.clear()
+            plan = _plans[key] = _ArrayPlan(*key)
+        if plan is not None:
+            if plan.size > limit:
+                _check_size(plan.size, limit, f"an array of {plan.nbytes} bytes")
+            if plan.nbytes <= _IMAGE_LIMIT:
+                return _Image(plan.start, plan.length, plan.header + array.tobytes(plan.order))
+            return Encoded(plan.header, plan.nbytes, array=array)
     elif kind is bytes or kind is bytearray or kind is memoryview:
         data: Any = _flat_bytes(obj) if kind is memoryview else obj  # type: ignore[arg-type]
         nbytes = len(data)
-        header = _pad_header(_FIXED.pack(BYTES, 0, 0, 0, nbytes))
+        header = _FIXED.pack(BYTES, 0, _FIXED.size, 0, 0, nbytes)
+        offset = _data_offset(len(header))
+        _check_size(offset + nbytes - HEADER_RESERVE, limit, f"a {kind.__name__} of {nbytes} bytes")
         if nbytes <= _IMAGE_LIMIT:
-            message = Encoded(header, nbytes, header + bytes(data))
-        else:
-            message = Encoded(header, nbytes, None, data=data)
-        return _check_size(message, limit, f"a {kind.__name__} of {nbytes} bytes")
+            return _Image(offset - len(header), offset + nbytes, header + bytes(data))
+        return Encoded(header, nbytes, data=data)
     return _encode_pickle(obj, limit)
 
 
@@ -217,7 +260,7 @@ def _flat_bytes(view: memoryview) -> memoryview | bytes:
     return view.tobytes()
 
 
-def _encode_pickle(obj: object, limit: int) -> Encoded:
+def _encode_pickle(obj: object, limit: int) -> Message:
     buffers: list[pickle.PickleBuffer] = []
     try:
         data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
@@ -227,18 +270,17 @@ def _encode_pickle(obj: object, limit: int) -> Encoded:
             f"({type(exc).__name__}: {exc}); nothing was sent"
         ) from exc
     raws = [buf.raw() for buf in buffers]
-    header = _pad_header(
-        _FIXED.pack(PICKLE, 0, len(raws), 0, len(data))
-        + b"".join(struct.pack("<q", raw.nbytes) for raw in raws)
-    )
+    lengths = b"".join(struct.pack("<q", raw.nbytes) for raw in raws)
+    header_len = _align(_FIXED.size + len(lengths), _HEADER_ALIGN)
+    header = _pad_header(_FIXED.pack(PICKLE, 0, header_len, len(raws), 0, len(data)) + lengths)
     span = len(data)
     for raw in raws:
         span = _align(span) + raw.nbytes
+    offset = _data_offset(len(header))
+    _check_size(offset + span - HEADER_RESERVE, limit, f"a pickled {type(obj).__qualname__}")
     if not raws and span <= _IMAGE_LIMIT:
-        message = Encoded(header, span, header + data)
-    else:
-        message = Encoded(header, span, None, data=data, buffers=raws)
-    return _check_size(message, limit, f"a pickled {type(obj).__qualname__}")
+        return _Image(offset - len(header), offset + span, header + data)
+    return Encoded(header, span, data=data, buffers=raws)
 
 
 # ---------------------------------------------------------------- decoding
@@ -263,18 +305,20 @@ class _ArrayInfo:
 _info_cache: dict[bytes, _ArrayInfo] = {}
 
 
+def _header_len(message: memoryview | bytearray) -> int:
+    return message[2] | message[3] << 8
+
+
 def _array_info(message: memoryview | bytearray) -> _ArrayInfo:
-    _, flags, ndim, descr_len, _ = _FIXED.unpack_from(message)
-    shape_at = _FIXED.size + descr_len
-    shape_at += -shape_at % 8
-    header_len = shape_at + 8 * ndim
-    header_len += -header_len % _HEADER_ALIGN
-    key = bytes(message[:header_len])
+    key = bytes(message[: _header_len(message)])
     info = _info_cache.get(key)
     if info is not None:
         return info
+    _, flags, header_len, ndim, descr_len, _ = _FIXED.unpack_from(key)
     descr = key[_FIXED.size : _FIXED.size + descr_len]
     dtype = pickle.loads(descr) if flags & _PICKLED_DTYPE else np.dtype(descr.decode())
+    shape_at = _FIXED.size + descr_len
+    shape_at += -shape_at % 8
     shape = struct.unpack_from(f"<{ndim}q", key, shape_at)
     info = _ArrayInfo(dtype, shape, "F" if flags & _FORTRAN else "C", header_len)
     if len(_info_cache) >= _CACHE_LIMIT:
@@ -297,15 +341,11 @@ def decode(message: memoryview | bytearray, owned: bool) -> Any:
     if kind == ARRAY:
         array = _array_view(message, _array_info(message))
         return array if owned else array.copy(order="K")
-    fixed = _FIXED.unpack_from(message)
-    payload_len = fixed[4]
+    _, _, offset, nbuffers, _, payload_len = _FIXED.unpack_from(message)
     if kind == BYTES:
-        offset = _align(_FIXED.size, _HEADER_ALIGN)
         return bytes(message[offset : offset + payload_len])
     if kind == PICKLE:
-        nbuffers = fixed[2]
         lengths = struct.unpack_from(f"<{nbuffers}q", message, _FIXED.size)
-        offset = _align(_FIXED.size + 8 * nbuffers, _HEADER_ALIGN)
         view = memoryview(message)
         end = offset + payload_len
         data = view[offset:end]
@@ -324,8 +364,7 @@ def view(message: memoryview) -> Array:
     if kind == ARRAY:
         out = _array_view(message, _array_info(message))
     elif kind == BYTES:
-        offset = _align(_FIXED.size, _HEADER_ALIGN)
-        out = np.frombuffer(message, np.uint8, _FIXED.unpack_from(message)[4], offset)
+        out = np.frombuffer(message, np.uint8, _FIXED.unpack_from(message)[5], _FIXED.size)
     else:
         raise TypeError("the next message is a pickled object, not an array or bytes")
     out.flags.writeable = False

@@ -52,11 +52,8 @@ STRIDE = 3
 HEAD = 4  # ring position of the oldest published message
 TAIL = 5  # ring position one past the newest
 NFREE = 6  # entries on the free stack
-DIRTY = 7  # set while the mutex holder mutates; still set => it died mid-way
 OPEN = 8  # OPEN + direction: open handles over all live processes
 SLEEPERS = 10  # SLEEPERS + direction: threads registered on that direction's bell
-SENT = 12
-RECEIVED = 13
 RECLAIMED = 14  # slots taken back from processes that died holding them
 REDELIVERED = 15  # messages put back because their receiver died reading them
 UID = 16

@@ -55,8 +55,11 @@ def supported() -> bool:
 
 
 if supported():
+    # Functions that cannot block keep the GIL (PyDLL, cheaper). Their arguments are
+    # prebuilt ctypes objects (no per-call conversion) and their results are error codes
+    # (no errno bookkeeping).
     _libc = ctypes.CDLL(None, use_errno=True)
-    _libc_gil = ctypes.PyDLL(None, use_errno=True)
+    _libc_gil = ctypes.PyDLL(None, use_errno=False)
     _vp = ctypes.c_void_p
     _mutexattr_init = _bind(_libc, "pthread_mutexattr_init", _vp)
     _mutexattr_setpshared = _bind(_libc, "pthread_mutexattr_setpshared", _vp, ctypes.c_int)
@@ -64,23 +67,23 @@ if supported():
     _mutexattr_settype = _bind(_libc, "pthread_mutexattr_settype", _vp, ctypes.c_int)
     _mutexattr_destroy = _bind(_libc, "pthread_mutexattr_destroy", _vp)
     _mutex_init = _bind(_libc, "pthread_mutex_init", _vp, _vp)
-    _mutex_trylock = _bind(_libc_gil, "pthread_mutex_trylock", _vp)
-    _mutex_lock = _bind(_libc, "pthread_mutex_lock", _vp)
-    _mutex_unlock = _bind(_libc_gil, "pthread_mutex_unlock", _vp)
-    _mutex_consistent = _bind(_libc_gil, "pthread_mutex_consistent", _vp)
     _sem_init = _bind(_libc, "sem_init", _vp, ctypes.c_int, ctypes.c_uint)
-    _sem_post = _bind(_libc_gil, "sem_post", _vp)
-    _sem_trywait = _bind(_libc_gil, "sem_trywait", _vp)
-    _sem_getvalue = _bind(_libc_gil, "sem_getvalue", _vp, ctypes.POINTER(ctypes.c_int))
-    _sem_wait = _bind(_libc, "sem_wait", _vp)
-    _sem_clockwait: Callable[[int, int, Any], int]
+    _mutex_trylock = _libc_gil.pthread_mutex_trylock
+    _mutex_lock = ctypes.CDLL(None).pthread_mutex_lock
+    _mutex_unlock = _libc_gil.pthread_mutex_unlock
+    _mutex_consistent = _libc_gil.pthread_mutex_consistent
+    _sem_post = _libc_gil.sem_post
+    _sem_trywait = _libc_gil.sem_trywait
+    _sem_getvalue = _libc_gil.sem_getvalue
+    _sem_wait = ctypes.CDLL(None).sem_wait
+    _sem_clockwait: Callable[[Any, int, Any], int]
     if hasattr(_libc, "sem_clockwait"):  # glibc >= 2.30: wait against the monotonic clock
-        _sem_clockwait = _bind(_libc, "sem_clockwait", _vp, ctypes.c_int, ctypes.POINTER(_Timespec))
+        _sem_clockwait = ctypes.CDLL(None).sem_clockwait
         _sem_timed_clock = time.CLOCK_MONOTONIC
     else:  # pragma: no cover - musl
-        _timedwait = _bind(_libc, "sem_timedwait", _vp, ctypes.POINTER(_Timespec))
+        _timedwait = ctypes.CDLL(None).sem_timedwait
 
-        def _sem_clockwait(sem: int, _clock: int, ts: Any) -> int:
+        def _sem_clockwait(sem: Any, _clock: int, ts: Any) -> int:
             return int(_timedwait(sem, ts))
 
         _sem_timed_clock = time.CLOCK_REALTIME
@@ -103,10 +106,11 @@ class RobustMutex:
     deadlock. The owner is a thread: it must be released by the thread that acquired it.
     """
 
-    __slots__ = ("_addr",)
+    __slots__ = ("_addr", "_ptr")
 
     def __init__(self, addr: int) -> None:
         self._addr = addr
+        self._ptr = ctypes.c_void_p(addr)
 
     @staticmethod
     def initialize(addr: int) -> None:
@@ -127,36 +131,38 @@ class RobustMutex:
         Returns ``True`` when the previous owner died while holding the lock. The mutex
         is then marked consistent again, and the caller must repair the state it guards.
         """
-        result = _mutex_trylock(self._addr)
+        ptr = self._ptr
+        result = _mutex_trylock(ptr)
         if result == errno.EBUSY:
             # Critical sections last a microsecond or two: spin a little before
             # sleeping in the kernel, as an adaptive mutex would.
             for _ in range(_SPINS):
-                result = _mutex_trylock(self._addr)
+                result = _mutex_trylock(ptr)
                 if result != errno.EBUSY:
                     break
             else:
-                result = _mutex_lock(self._addr)
+                result = _mutex_lock(ptr)
         if result == 0:
             return False
         if result == errno.EOWNERDEAD:
-            _check(_mutex_consistent(self._addr), "pthread_mutex_consistent")
+            _check(_mutex_consistent(ptr), "pthread_mutex_consistent")
             return True
         if result == errno.EDEADLK:
             raise Reentered("this thread already holds the mutex")
         raise OSError(result, f"pthread_mutex_lock: {os.strerror(result)}")
 
     def release(self) -> None:
-        _mutex_unlock(self._addr)
+        _mutex_unlock(self._ptr)
 
 
 class SharedSemaphore:
     """An unnamed, process-shared counting semaphore at a fixed address."""
 
-    __slots__ = ("_addr",)
+    __slots__ = ("_addr", "_ptr")
 
     def __init__(self, addr: int) -> None:
         self._addr = addr
+        self._ptr = ctypes.c_void_p(addr)
 
     @staticmethod
     def initialize(addr: int, value: int = 0) -> None:
@@ -166,11 +172,11 @@ class SharedSemaphore:
             raise OSError(err, f"sem_init: {os.strerror(err)}")
 
     def post(self) -> None:
-        _sem_post(self._addr)
+        _sem_post(self._ptr)
 
     def try_wait(self) -> bool:
         """Take one unit if one is there; never blocks."""
-        return bool(_sem_trywait(self._addr) == 0)
+        return bool(_sem_trywait(self._ptr) == 0)
 
     def wait(self, timeout: float | None) -> bool:
         """Take one unit, waiting up to ``timeout`` seconds (``None``: for ever).
@@ -179,13 +185,13 @@ class SharedSemaphore:
         signal ends the wait early with ``False``, so that Python signal handlers run.
         """
         if timeout is None:
-            return bool(_sem_wait(self._addr) == 0)
+            return bool(_sem_wait(self._ptr) == 0)
         deadline = time.clock_gettime(_sem_timed_clock) + max(timeout, 0.0)
         sec = int(deadline)
         ts = _Timespec(sec, int((deadline - sec) * 1e9))
-        return bool(_sem_clockwait(self._addr, _CLOCK_MONOTONIC, ctypes.byref(ts)) == 0)
+        return bool(_sem_clockwait(self._ptr, _CLOCK_MONOTONIC, ctypes.byref(ts)) == 0)
 
     def value(self) -> int:
         out = ctypes.c_int()
-        _sem_getvalue(self._addr, ctypes.byref(out))
+        _sem_getvalue(self._ptr, ctypes.byref(out))
         return out.value

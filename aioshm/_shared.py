@@ -2,10 +2,11 @@
 
 :class:`SharedObject` gives a segment (layer 1) four things every aioshm object needs:
 
-* **Critical sections** under the robust mutex. A holder marks the state ``DIRTY`` while
-  it mutates; if it dies mid-way, the next holder sees the mark (and ``EOWNERDEAD``) and
-  calls :meth:`SharedObject._repair_locked`, which rebuilds derived state from the
-  authoritative state. Nothing is ever left half-done.
+* **Critical sections** under the robust mutex. If a holder dies mid-way, the kernel
+  tells the next holder (``EOWNERDEAD``), which calls
+  :meth:`SharedObject._repair_locked` to rebuild derived state from the authoritative
+  state; a live holder interrupted by an exception repairs in place before releasing.
+  Nothing is ever left half-done.
 * **The process table**: which processes hold handles, how many of each side, and the
   reservations a parent makes for a child it is starting.
 * **Liveness sweeps**: a process found dead (pid gone, zombie, or pid reused) has its
@@ -33,7 +34,6 @@ from anyio import WouldBlock
 
 from . import _procs
 from ._layout import (
-    DIRTY,
     MAX_PROCS,
     OPEN,
     P_KIND,
@@ -90,15 +90,11 @@ class SharedObject:
     # ------------------------------------------------------------------ the mutex
 
     def _lock(self) -> None:
-        if self._mutex_acquire():  # the previous holder died: find out who, right after
-            self._deferred.append(self._sweep_after_owner_died)
-        ctl = self._ctl
-        if ctl[DIRTY]:
+        if self._mutex_acquire():  # the previous holder died mid-way
             self._repair_locked()
-        ctl[DIRTY] = 1
+            self._deferred.append(self._sweep_after_owner_died)  # find out who, after
 
     def _unlock(self) -> None:
-        self._ctl[DIRTY] = 0
         self._mutex_release()
         if self._deferred:
             self._run_deferred()
@@ -116,12 +112,15 @@ class SharedObject:
             self._deferred.pop(0)()
 
     def _abort(self) -> None:
-        """Release after an unexpected exception: the state stays marked for repair."""
-        self._mutex_release()
+        """Release after an exception inside a critical section, repairing first."""
+        try:
+            self._repair_locked()
+        finally:
+            self._mutex_release()
 
     @contextmanager
     def critical(self) -> Iterator[None]:
-        """Hold the mutex; on an exception the state is left marked for repair."""
+        """Hold the mutex; an exception inside repairs the state before releasing."""
         self._lock()
         try:
             yield

@@ -36,12 +36,11 @@ from ._layout import (
     MAX_PROCS,
     NFREE,
     OPEN,
+    SLEEPERS,
     P_KIND,
     PROC_FIELDS,
-    RECEIVED,
     RECLAIMED,
     REDELIVERED,
-    SENT,
     SLOT_FIELDS,
     SLOT_LENGTH,
     SLOT_OWNER,
@@ -89,8 +88,6 @@ class QueueCounters(NamedTuple):
     free: int
     writing: int
     reading: int
-    sent: int
-    received: int
     reclaimed: int
     redelivered: int
 
@@ -271,7 +268,6 @@ class SlotQueue(SharedObject):
                     copy = bytearray(self._payload[slot][start:length])
                     ctl[HEAD] = head + 1
                     self._free_locked(slot)
-                    ctl[RECEIVED] += 1
                     outcome = _DONE
                 else:
                     ctl[HEAD] = head + 1
@@ -318,7 +314,6 @@ class SlotQueue(SharedObject):
                     head += 1
                     ctl[HEAD] = head
                     self._free_locked(slot)
-                    ctl[RECEIVED] += 1
         except BaseException:
             self._abort()
             raise
@@ -360,7 +355,6 @@ class SlotQueue(SharedObject):
         """Free a slot that has been read."""
         with self.critical():
             self._free_locked(slot)
-            self._ctl[RECEIVED] += 1
 
     def put_back(self, slot: int) -> None:
         """Return a taken slot unread to the head of the queue."""
@@ -394,8 +388,8 @@ class SlotQueue(SharedObject):
         self._slots[base + SLOT_STATE] = READY
         self._ring[tail % self.capacity] = slot
         ctl[TAIL] = tail + 1
-        ctl[SENT] += 1
-        self._ring_one_locked(RECV)
+        if ctl[SLEEPERS + RECV]:
+            self._ring_one_locked(RECV)
 
     def _free_locked(self, slot: int) -> None:
         ctl = self._ctl
@@ -403,7 +397,8 @@ class SlotQueue(SharedObject):
         n = ctl[NFREE]
         self._free[n] = slot
         ctl[NFREE] = n + 1
-        self._ring_one_locked(SEND)
+        if ctl[SLEEPERS + SEND]:
+            self._ring_one_locked(SEND)
 
     def _requeue_locked(self, slot: int) -> None:
         ctl = self._ctl
@@ -486,8 +481,6 @@ class SlotQueue(SharedObject):
                 free=ctl[NFREE],
                 writing=states.count(WRITING),
                 reading=states.count(READING),
-                sent=ctl[SENT],
-                received=ctl[RECEIVED],
                 reclaimed=ctl[RECLAIMED],
                 redelivered=ctl[REDELIVERED],
             )

@@ -22,6 +22,7 @@ another process, so that no wake-up is lost.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
@@ -38,8 +39,9 @@ T = TypeVar("T")
 
 #: How long an idle hub thread waits for new work before it exits.
 LINGER = 5.0
-#: Retries on the event loop (each after a checkpoint) before a task sleeps in the hub.
-SPINS = 8
+#: How long a task keeps retrying on its event loop (a checkpoint before each retry)
+#: before it sleeps in the hub: a reply that comes back this fast costs no thread hop.
+SPIN = 100e-6
 
 
 class _Waiter:
@@ -86,12 +88,15 @@ class Hub:
         Cancellation: only the waits are cancellation points, and a cancelled wait
         leaves nothing behind. ``attempt`` must be non-blocking and do all or nothing.
         """
-        for _ in range(SPINS):
+        spin_until = time.monotonic() + SPIN
+        while True:
             await checkpoint()
             try:
                 return attempt()
             except WouldBlock:
                 pass
+            if time.monotonic() >= spin_until:
+                break
         woken = False
         try:
             while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing.process
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def join_all(procs: list[multiprocessing.process.BaseProcess], timeout: float = 60) -> None:
@@ -26,3 +27,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10, what: str = "
             raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(0.005)
     return time.monotonic() - start
+
+
+def mutex_held(obj: Any) -> bool:
+    """Whether anyone (another process, or the calling thread) holds ``obj``'s mutex,
+    probed with a trylock from a fresh thread."""
+    import errno
+    import threading
+
+    from aioshm import _posix
+
+    addr = obj.segment.mutex._ptr
+    result: list[int] = []
+
+    def probe() -> None:
+        code = _posix._mutex_trylock(addr)
+        if code in (0, errno.EOWNERDEAD):
+            _posix._mutex_unlock(addr)
+        result.append(code)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return result[0] == errno.EBUSY

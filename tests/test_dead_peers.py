@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 
 import aioshm
-from aioshm import _layout
 
 from . import workers
-from .helpers import wait_until
+from .helpers import mutex_held, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -187,8 +186,7 @@ def test_killed_while_holding_the_mutex(ctx: multiprocessing.context.BaseContext
     child.start()
     ready_tx.close()
     assert ready_rx.recv_blocking(timeout=30) == "ready"
-    ctl = tx._queue.segment.ctl
-    wait_until(lambda: ctl[_layout.DIRTY] == 1, what="the child to take the mutex")
+    wait_until(lambda: mutex_held(tx._queue), what="the child to take the mutex")
     killed_at = kill(child)
     assert rx.recv_blocking(timeout=5) == 0  # blocks on the mutex until the kill, then repairs
     assert time.monotonic() - killed_at < DEADLINE

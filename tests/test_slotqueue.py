@@ -12,6 +12,8 @@ from aioshm import _layout
 from aioshm._shared import RANG, RECV, SEND
 from aioshm._slotqueue import LOCKED_COPY_LIMIT, READING, READY, WRITING, SlotQueue
 
+from .helpers import mutex_held
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -51,7 +53,7 @@ def test_fifo_full_and_empty() -> None:
         queue.try_put(me, Raw(b"x"))
     assert [queue.try_get(me, read) for _ in range(3)] == [bytes([i]) * 5 for i in range(3)]
     counters = queue.counters()
-    assert (counters.free, counters.buffered, counters.sent, counters.received) == (3, 0, 3, 3)
+    assert (counters.free, counters.buffered, counters.writing, counters.reading) == (3, 0, 0, 0)
 
 
 def test_end_of_stream_and_broken() -> None:
@@ -104,7 +106,7 @@ def test_large_messages_are_copied_outside_the_mutex() -> None:
 
     class Probe(Raw):
         def write(self, slot: memoryview) -> None:
-            seen.append(queue.segment.ctl[_layout.DIRTY] == 1)  # 1 => mutex held
+            seen.append(mutex_held(queue))
             super().write(slot)
 
     queue.try_put(me, Probe(b"s" * 10))
@@ -112,7 +114,7 @@ def test_large_messages_are_copied_outside_the_mutex() -> None:
     assert seen == [True, False]
 
     def probing_read(message: memoryview, owned: bool) -> tuple[bool, bool, int]:
-        return owned, queue.segment.ctl[_layout.DIRTY] == 1, len(message)
+        return owned, mutex_held(queue), len(message)
 
     assert queue.try_get(me, probing_read) == (True, False, 10)
     assert queue.try_get(me, probing_read) == (False, False, big)
@@ -178,19 +180,35 @@ def test_doorbell_protocol() -> None:
 
 
 def test_repair_after_a_holder_died_mid_update() -> None:
-    """With the state marked dirty, the next holder rebuilds the free stack and the slot
-    states from the ring and the owners."""
+    """Repair rebuilds the free stack and the slot states from the ring and the owners
+    (what the next holder does after EOWNERDEAD)."""
     queue, me = make(capacity=4)
     queue.try_put(me, Raw(b"published"))
     loan = queue.claim(me)
-    ctl = queue.segment.ctl
-    ctl[_layout.DIRTY] = 1  # as if the holder died mid-update...
-    ctl[_layout.NFREE] = 0  # ...having scribbled on derived state
-    assert queue.try_get(me, read) == b"published"  # the next holder repairs first
+    with queue.critical():
+        queue.segment.ctl[_layout.NFREE] = 0  # scribbled on by a holder that died
+        queue._repair_locked()
+    assert queue.try_get(me, read) == b"published"
     assert states(queue)[loan] == WRITING  # a live owner keeps its loan
     assert queue.counters().free == 3
     queue.abandon(loan)
     assert queue.counters().free == 4
+
+
+def test_an_exception_inside_a_critical_section_repairs_in_place() -> None:
+    queue, me = make(capacity=2)
+
+    class Failing(Raw):
+        def write(self, slot: memoryview) -> None:
+            queue.segment.ctl[_layout.NFREE] = -7  # half-done, then...
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        queue.try_put(me, Failing(b"x"))
+    assert not mutex_held(queue)
+    assert queue.counters().free == 2
+    queue.try_put(me, Raw(b"fine"))
+    assert queue.try_get(me, read) == b"fine"
 
 
 def test_repair_requeues_a_fully_written_slot_that_missed_the_ring() -> None:
@@ -199,8 +217,9 @@ def test_repair_requeues_a_fully_written_slot_that_missed_the_ring() -> None:
     queue.slot_memory(slot)[:4] = b"done"
     slots = queue.segment.slots
     base = slot * _layout.SLOT_FIELDS
-    slots[base + _layout.SLOT_START], slots[base + _layout.SLOT_LENGTH] = 0, 4
-    slots[base + _layout.SLOT_STATE] = READY  # died after marking it, before the ring
-    queue.segment.ctl[_layout.DIRTY] = 1
+    with queue.critical():
+        slots[base + _layout.SLOT_START], slots[base + _layout.SLOT_LENGTH] = 0, 4
+        slots[base + _layout.SLOT_STATE] = READY  # died after marking it, before the ring
+        queue._repair_locked()
     assert queue.try_get(me, read) == b"done"
     assert queue.counters().redelivered == 1
