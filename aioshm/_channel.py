@@ -22,6 +22,7 @@ other tasks of its loop run, without paying for a checkpoint on every message.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import warnings
 import weakref
@@ -59,28 +60,28 @@ class ChannelStatistics(NamedTuple):
     Counts of handles are over every live process; counts of tasks are of this process.
     """
 
-    #: messages published and not yet received
     current_buffer_used: int
-    #: number of slots: messages that can be in flight at once
+    """Messages published and not yet received."""
     max_buffer_size: int
-    #: open send handles, in all processes
+    """Number of slots: messages that can be in flight at once."""
     open_send_streams: int
-    #: open receive handles, in all processes
+    """Open send handles, in all processes."""
     open_receive_streams: int
-    #: tasks and threads of this process waiting to send
+    """Open receive handles, in all processes."""
     tasks_waiting_send: int
-    #: tasks and threads of this process waiting to receive
+    """Tasks and threads of this process waiting to send."""
     tasks_waiting_receive: int
-    #: slots free to send into
+    """Tasks and threads of this process waiting to receive."""
     free_slots: int
-    #: slots held outside the queue: loans, views, large copies in progress
+    """Slots free to send into."""
     slots_in_use: int
-    #: the largest encoded message a slot holds, in bytes
+    """Slots held outside the queue: loans, views, large copies in progress."""
     max_message_size: int
-    #: slots taken back from processes that died holding them (their message unsent)
+    """The largest encoded message a slot holds, in bytes."""
     reclaimed_slots: int
-    #: messages queued again because the process reading them died
+    """Slots taken back from processes that died holding them (their message unsent)."""
     redelivered_messages: int
+    """Messages queued again because the process reading them died."""
 
 
 class _Channel:
@@ -119,7 +120,8 @@ def _reset_channels_in_child() -> None:
         channel.reset_after_fork()
 
 
-os.register_at_fork(after_in_child=_reset_channels_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_reset_channels_in_child)
 
 
 class _Handle:
@@ -169,7 +171,12 @@ class _Handle:
     def clone(self) -> Self:
         """Another handle to the same side of the channel, closed independently.
 
-        The side stays open until every clone, in every process, is closed.
+        The side stays open until every clone, in every process, is closed. A clone is
+        owned by the process that made it: passing it to a child process gives the child
+        a handle of its own, and the parent must still close its clone.
+
+        :raises anyio.ClosedResourceError: this handle is closed, or is not this
+            process's (see :meth:`SendChannel.send_nowait`)
         """
         if not self._usable:
             self._raise_unusable()
@@ -220,15 +227,15 @@ class _Handle:
 
     def __del__(self) -> None:
         if getattr(self, "_owned", False) and not self._closed:
+            self._closed = True
+            self._usable = False
+            self._release_ownership()  # first: the warning may be turned into an error
             warnings.warn(
                 f"unclosed {self!r}: close it, or use it as a context manager",
                 ResourceWarning,
                 stacklevel=1,
                 source=self,
             )
-            self._closed = True
-            self._usable = False
-            self._release_ownership()
 
     def statistics(self) -> ChannelStatistics:
         """A snapshot of the channel (see :class:`ChannelStatistics`)."""
@@ -307,15 +314,28 @@ def _note_partial(exc: BaseException, sent: int) -> None:
 def items_sent(exc: BaseException) -> int:
     """How many items of a batch :meth:`SendChannel.send_many` sent before ``exc``.
 
-    0 means that the batch did not happen at all.
+    ``exc`` may be the exception that interrupted the batch (a cancellation, say) or one
+    raised in its place: the ``TimeoutError`` of ``asyncio.timeout``,
+    ``asyncio.wait_for`` or ``anyio.fail_after`` carries it along ``__cause__`` or
+    ``__context__``, which are followed. 0 means that the batch did not happen at all.
     """
-    return int(getattr(exc, "aioshm_items_sent", 0))
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        sent = getattr(current, "aioshm_items_sent", None)
+        if sent is not None:
+            return int(sent)
+        current = current.__cause__ or current.__context__
+    return 0
 
 
 class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
     """The sending end of a channel. Obtain one from :func:`open_channel`.
 
-    Pass it to other processes as an argument of ``multiprocessing.Process``.
+    Pass it to other processes as an argument of ``multiprocessing.Process``: each child
+    it is passed to owns a handle of its own, and closes it when it exits. It is an
+    ``anyio.abc.ObjectSendStream``, and a context manager, sync or async, that closes it.
     """
 
     _side = SEND
@@ -329,10 +349,14 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         """Send ``item`` if a slot is free, without waiting.
 
         :raises anyio.WouldBlock: every slot is taken (nothing was sent)
-        :raises anyio.ClosedResourceError: this handle is closed
+        :raises anyio.ClosedResourceError: this handle is closed, or this process only
+            inherited it through ``fork`` instead of being passed it as a ``Process``
+            argument
         :raises anyio.BrokenResourceError: no receive handle is open in any process
         :raises ValueError: ``item`` encodes to more than ``max_message_size`` bytes
         :raises TypeError: ``item`` cannot be pickled
+
+        Whatever it raises, nothing was sent.
         """
         if not self._usable:
             self._raise_unusable()
@@ -341,9 +365,13 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
     async def send(self, item: T_contra) -> None:
         """Send ``item``, waiting for a free slot if there is none.
 
-        Raises as :meth:`send_nowait` does (but never ``WouldBlock``).
+        Raises as :meth:`send_nowait` does (but never ``WouldBlock``), including
+        ``ClosedResourceError`` if this handle is closed while the call waits, and
+        ``BrokenResourceError`` if the last receive handle closes meanwhile.
 
-        Cancellation: if cancelled, the item was not sent, and nothing is held for it.
+        Cancellation: only the wait for a slot is a cancellation point; if cancelled, the
+        item was not sent, and nothing is held for it. A call that does not have to wait
+        is not always a checkpoint: it yields to the event loop once in 16 calls.
         """
         self._ticks += 1
         if self._ticks >= YIELD_EVERY:
@@ -362,8 +390,9 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
 
         :raises TimeoutError: no slot became free in time (nothing was sent)
 
-        Otherwise raises as :meth:`send_nowait`. Do not call it from an event loop's
-        thread: it blocks the thread.
+        Otherwise raises as :meth:`send_nowait`, including ``ClosedResourceError`` if
+        another thread closes this handle while the call waits. Do not call it from an
+        event loop's thread: it blocks the thread.
         """
         if not self._usable:
             self._raise_unusable()
@@ -372,12 +401,15 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
     async def send_many(self, items: Iterable[T_contra]) -> None:
         """Send every item, in order, taking one locked round for as many as fit.
 
-        Every item is encoded first, so a bad item fails the batch with nothing sent.
+        Every item is encoded first, so a bad item (``ValueError``, ``TypeError``) fails
+        the batch with nothing sent. Otherwise raises as :meth:`send`.
 
         Cancellation: the batch can only be cancelled while it waits for room. If that
         happens before the first round, nothing was sent. Otherwise the items of the
         rounds already done stay sent (published messages cannot be recalled) and the
-        cancellation carries their number: see :func:`aioshm.items_sent`.
+        cancellation carries their number: see :func:`aioshm.items_sent`. So does any
+        other exception that interrupts the batch between rounds (the channel broken or
+        closed while it waits).
         """
         await self._tick()
         if not self._usable:
@@ -417,15 +449,24 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         later.
 
         :raises ValueError: at once, if the array would exceed ``max_message_size``
+
+        On entering the block, raises as :meth:`send` does; on a normal exit,
+        ``ClosedResourceError`` if this handle was closed meanwhile (nothing is sent).
+
+        Cancellation: only the wait for a slot, on entering, is a cancellation point.
         """
         return _Loan(self, shape, dtype)
 
     def send_loan_blocking(
         self, shape: int | Sequence[int], dtype: Any = np.float64, timeout: float | None = None
     ) -> _Loan:
-        """The blocking form of :meth:`send_loan`: ``with tx.send_loan_blocking(...)``.
+        """The blocking form of :meth:`send_loan`: ``with tx.send_loan_blocking(...)``,
+        for code with no event loop.
 
-        :raises TimeoutError: no slot became free within ``timeout`` seconds
+        :raises TimeoutError: no slot became free within ``timeout`` seconds (nothing
+            is held)
+
+        Otherwise raises as :meth:`send_loan`.
         """
         return _Loan(self, shape, dtype, timeout)
 
@@ -513,8 +554,14 @@ class _Loan:
 class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
     """The receiving end of a channel. Obtain one from :func:`open_channel`.
 
-    ``async for item in rx`` receives until the stream ends. Pass it to other
-    processes as an argument of ``multiprocessing.Process``.
+    ``async for item in rx`` receives until the stream ends: once every send handle, in
+    every process, is closed and what they sent has been received. Pass it to other
+    processes as an argument of ``multiprocessing.Process``: each child it is passed to
+    owns a handle of its own. It is an ``anyio.abc.ObjectReceiveStream``, and a context
+    manager, sync or async, that closes it.
+
+    ``recv``, ``recv_nowait`` and ``receive_blocking`` are aliases of :meth:`receive`,
+    :meth:`receive_nowait` and :meth:`recv_blocking`.
     """
 
     _side = RECV
@@ -530,19 +577,24 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         :raises anyio.WouldBlock: nothing is buffered
         :raises anyio.EndOfStream: nothing is buffered and no send handle is open in any
             process
-        :raises anyio.ClosedResourceError: this handle is closed
+        :raises anyio.ClosedResourceError: this handle is closed, or this process only
+            inherited it through ``fork`` instead of being passed it as a ``Process``
+            argument
         """
         return self._get()
 
     recv_nowait = receive_nowait
+    """An alias of :meth:`receive_nowait`."""
 
     async def receive(self) -> T_co:
         """Receive the oldest message, waiting for one if none is buffered.
 
-        Raises as :meth:`receive_nowait` does (but never ``WouldBlock``).
+        Raises as :meth:`receive_nowait` does (but never ``WouldBlock``), including
+        ``ClosedResourceError`` if this handle is closed while the call waits.
 
-        Cancellation: if cancelled, nothing was received: the message stays for the
-        next receiver.
+        Cancellation: only the wait is a cancellation point; if cancelled, nothing was
+        received: the message stays for the next receiver. A call that does not have to
+        wait is not always a checkpoint: it yields to the event loop once in 16 calls.
         """
         self._ticks += 1
         if self._ticks >= YIELD_EVERY:
@@ -556,21 +608,30 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             return await self._hub.retry(self._get, self)
 
     recv = receive
+    """An alias of :meth:`receive`."""
 
     def recv_blocking(self, timeout: float | None = None) -> T_co:
         """Receive from code with no event loop, waiting up to ``timeout`` seconds.
 
         :raises TimeoutError: nothing arrived in time (nothing was received)
 
-        Otherwise raises as :meth:`receive_nowait`.
+        Otherwise raises as :meth:`receive_nowait`, including ``ClosedResourceError``
+        if another thread closes this handle while the call waits. Do not call it from
+        an event loop's thread: it blocks the thread.
         """
         return self._block(self._get, timeout)  # type: ignore[no-any-return]
 
     receive_blocking = recv_blocking
+    """An alias of :meth:`recv_blocking`."""
 
     async def recv_many(self, max_items: int) -> list[T_co]:
         """Receive between 1 and ``max_items`` messages, in one locked round where they
         are small, waiting only while none is buffered.
+
+        :raises ValueError: ``max_items`` is less than 1
+
+        Otherwise raises as :meth:`receive`: ``EndOfStream`` only when nothing at all is
+        left to receive.
 
         Cancellation: if cancelled, nothing was received.
         """
@@ -596,10 +657,16 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         block exits, however it exits. A bytes message comes as a 1-d ``uint8`` array.
 
         The array is valid only inside the block: afterwards the slot may hold another
-        message. Copy what you keep (``arr.copy()``).
+        message. Copy what you keep (``arr.copy()``). The message counts as received
+        once the block is entered: if the block raises, it is not put back.
 
         :raises TypeError: the next message is a pickled object; it stays at the head of
             the channel for :meth:`receive`
+
+        Otherwise raises as :meth:`receive` (``EndOfStream`` once the stream has ended).
+
+        Cancellation: only the wait, on entering, is a cancellation point; if cancelled
+        there, nothing was received.
         """
         return _View(self)
 
@@ -609,7 +676,10 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         :raises ValueError: the message's dtype or shape does not match ``out``
         :raises TypeError: the next message is not an array or bytes
 
-        Either way the message stays at the head of the channel.
+        Either way the message stays at the head of the channel. Otherwise raises as
+        :meth:`receive`.
+
+        Cancellation: if cancelled, nothing was received.
         """
         await self._tick()
         try:
@@ -669,18 +739,27 @@ class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):
 
     :param capacity: number of slots: how many messages can be in flight at once
     :param max_message_size: the largest encoded message one slot holds, in bytes (for
-        an array, its ``nbytes``)
+        an array, its ``nbytes``; for bytes, their length). Each slot reserves 256 bytes
+        more for the message's header.
     :raises ValueError: a size is less than 1
+    :raises TypeError: a size is not an ``int``
+    :raises OSError: the platform is not Linux
+
+    The channel maps about ``capacity * (max_message_size + 256)`` bytes of shared
+    memory when it is opened.
     """
 
     def __new__(  # type: ignore[misc]
         cls, capacity: int = 16, max_message_size: int = 65536
     ) -> tuple[SendChannel[T], ReceiveChannel[T]]:
+        sizes: list[int] = []
         for name, value in (("capacity", capacity), ("max_message_size", max_message_size)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
+            sizes.append(int(value))
+        capacity, max_message_size = sizes
         if not supported():
             raise OSError("aioshm needs Linux (robust process-shared mutexes)")
         queue = SlotQueue.create(capacity, max_message_size)

@@ -243,7 +243,9 @@ def encode(obj: object, limit: int) -> Message:
         nbytes = len(data)
         header = _FIXED.pack(BYTES, 0, _FIXED.size, 0, 0, nbytes)
         offset = _data_offset(len(header))
-        _check_size(offset + nbytes - HEADER_RESERVE, limit, f"a {kind.__name__} of {nbytes} bytes")
+        _check_size(
+            offset + nbytes - HEADER_RESERVE, limit, f"a {kind.__name__} object of {nbytes} bytes"
+        )
         if nbytes <= _IMAGE_LIMIT:
             return _Image(offset - len(header), offset + nbytes, header + bytes(data))
         return Encoded(header, nbytes, data=data)

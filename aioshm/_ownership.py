@@ -148,11 +148,12 @@ def _after_fork_in_parent() -> None:
     _fork_claims.clear()
 
 
-os.register_at_fork(
-    before=_before_fork,
-    after_in_child=_after_fork_in_child,
-    after_in_parent=_after_fork_in_parent,
-)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_child=_after_fork_in_child,
+        after_in_parent=_after_fork_in_parent,
+    )
 
 
 # ---------------------------------------------------------------- exit

@@ -412,4 +412,5 @@ def _after_fork_in_child() -> None:
         obj._reset_local()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -18,11 +18,17 @@ import anyio
 import aioshm
 
 
+def say(*parts: object) -> None:
+    """Print one line in one write, so that two processes' lines never interleave."""
+    sys.stdout.write(" ".join(map(str, parts)) + "\n")
+    sys.stdout.flush()
+
+
 def consumer(ch: aioshm.FloatChannel, messages: int, backend: str) -> None:
     async def main() -> None:
         for _ in range(messages):
             values = await ch.recv()
-            print("received:", values, flush=True)
+            say("received:", values)
 
     anyio.run(main, backend=backend)
     ch.close()
@@ -30,9 +36,9 @@ def consumer(ch: aioshm.FloatChannel, messages: int, backend: str) -> None:
 
 async def produce(ch: aioshm.FloatChannel, values: list[float], messages: int) -> None:
     for _ in range(messages):
-        print("sent:", values, flush=True)
-        print("stored length:", len(values), flush=True)
-        print(values, flush=True)
+        say("sent:", values)
+        say("stored length:", len(values))
+        say(values)
         await ch.send(values)
 
 
@@ -53,7 +59,7 @@ def main() -> int:
     anyio.run(produce, ch, values, args.messages, backend=args.backend)
     proc.join()
     ch.close()
-    print("done")
+    say("done")
     return proc.exitcode or 0
 
 

@@ -26,6 +26,11 @@ def test_open_channel_validates_sizes() -> None:
         aioshm.open_channel(capacity=2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         aioshm.open_channel(capacity=True)
+    tx, rx = aioshm.open_channel(capacity=np.int64(2), max_message_size=np.prod((8, 8)))
+    assert tx.statistics().max_buffer_size == 2
+    assert type(tx.statistics().max_message_size) is int
+    tx.close()
+    rx.close()
 
 
 def test_generic_pair_and_abcs() -> None:
@@ -225,6 +230,17 @@ def test_unclosed_handle_warns_and_counts_as_closed() -> None:
         del tx
         gc.collect()
     with pytest.raises(anyio.EndOfStream):  # the stream ended with it
+        rx.recv_nowait()
+    rx.close()
+
+
+def test_unclosed_handle_counts_as_closed_even_when_warnings_are_errors() -> None:
+    tx, rx = aioshm.open_channel[int](capacity=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        with pytest.raises(ResourceWarning):
+            tx.__del__()  # what the collector runs, under ``-W error::ResourceWarning``
+    with pytest.raises(anyio.EndOfStream):  # it was released before the warning
         rx.recv_nowait()
     rx.close()
 

@@ -214,11 +214,14 @@ def test_survivors_carry_on_and_nothing_published_is_lost(
     got: list[tuple[int, int]] = []
 
     async def main() -> None:
+        killed = heard_from_victim = False
         with anyio.fail_after(60):
             async for item in rx:
                 got.append(item)
-                if len(got) == 500:
+                heard_from_victim = heard_from_victim or item[0] == 0
+                if not killed and heard_from_victim and len(got) >= 500:
                     kill(victim)
+                    killed = True
 
     anyio.run(main)
     survivor.join(10)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +54,153 @@ def test_float_channel_example_sizes_and_trio() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("received: [0.0, 1.0, 2.0]") == 2
     assert result.stdout.splitlines()[-1] == "done"
+
+
+# ---------------------------------------------------------------- the examples
+
+
+def numbers(pattern: str, text: str) -> tuple[float, ...]:
+    """The numbers captured by ``pattern`` in ``text`` (which must match)."""
+    match = re.search(pattern, text, re.M)
+    assert match, f"no line matching {pattern!r} in:\n{text}"
+    return tuple(float(group.replace(",", "")) for group in match.groups())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_numpy_frames_example(method: str) -> None:
+    result = run(
+        "examples/numpy_frames.py",
+        *("--frames", "40", "--height", "108", "--width", "192", "--capacity", "3"),
+        *("--start-method", method),
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert numbers(r"^producer: sent (\d+) frames$", out) == (40,)
+    received, nbytes = numbers(
+        r"^consumer: received (\d+) frames of 108x192x3 uint8 \(([\d,]+) bytes each\), "
+        r"every pixel checked$",
+        out,
+    )
+    assert (received, nbytes) == (40, 108 * 192 * 3)
+    fps, gbps = numbers(r"^throughput: ([\d.]+) frames/s, ([\d.]+) GB/s$", out)
+    assert fps > 0
+    assert gbps == pytest.approx(fps * nbytes / 1e9, rel=0.01, abs=0.001)
+
+
+@pytest.mark.timeout(60)
+def test_numpy_frames_example_full_hd_frames() -> None:
+    """The default 1080p frames, a few of them: frames larger than the 64 KiB that
+    are copied under the mutex, loaned and viewed in place."""
+    result = run("examples/numpy_frames.py", "--frames", "12")
+    assert result.returncode == 0, result.stderr
+    assert "producer: sent 12 frames" in result.stdout
+    assert "received 12 frames of 1080x1920x3 uint8 (6,220,800 bytes each)" in result.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_fan_in_example(method: str) -> None:
+    result = run(
+        "examples/fan_in.py",
+        *("--producers", "3", "--messages", "500", "--capacity", "8", "--start-method", method),
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for ident in range(3):
+        assert numbers(rf"^producer {ident}: (\d+) messages, in order$", out) == (500,)
+    total, producers, _ = numbers(
+        r"^total: (\d+) messages from (\d+) producers in ([\d.]+) s$", out
+    )
+    assert (total, producers) == (1500, 3)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_trio_pipeline_example(method: str) -> None:
+    pytest.importorskip("trio")
+    result = run(
+        "examples/trio_pipeline.py",
+        *("--jobs", "2000", "--workers", "3", "--capacity", "16", "--start-method", method),
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    handled = [numbers(rf"^worker {ident}: (\d+) jobs$", out)[0] for ident in range(3)]
+    assert sum(handled) == 2000
+    expected = sum(n * n for n in range(2000))
+    assert numbers(r"^sink: (\d+) results, sum of squares (\d+)$", out) == (2000, expected)
+    assert numbers(r"^expected: (\d+) results, sum of squares (\d+)$", out) == (2000, expected)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_mixed_sync_async_example(method: str) -> None:
+    result = run(
+        "examples/mixed_sync_async.py",
+        *("--messages", "300", "--size", "16", "--capacity", "4", "--start-method", method),
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert numbers(r"^producer: sent (\d+) arrays of (\d+) float64, no event loop$", out) == (
+        300,
+        16,
+    )
+    count, _, total = numbers(r"^consumer: received (\d+) arrays in ([\d.]+) s, sum (\d+)$", out)
+    assert (count, total) == (300, 16 * sum(range(300)))
+
+
+def test_every_example_is_tested() -> None:
+    """A new example needs a test here (and a line in docs/getting-started.md)."""
+    source = Path(__file__).read_text()
+    guide = (ROOT / "docs" / "getting-started.md").read_text()
+    for path in sorted((ROOT / "examples").glob("*.py")):
+        if path.name == "shared_counter.py":  # tested with the primitives
+            continue
+        assert f'"examples/{path.name}"' in source, f"{path.name} has no test"
+        assert path.name in guide, f"{path.name} is not mentioned in Getting started"
+
+
+# ---------------------------------------------------------------- the documentation
+
+#: Pages whose snippets run here. A ```python block that imports aioshm is a complete
+#: program, run as a script; the first ```text block after it, if one comes before the
+#: next ```python block, is its exact output. Any other ```python block must compile.
+DOC_PAGES = ("index.md", "getting-started.md", "concepts.md", "cookbook.md", "faq.md")
+
+_BLOCK = re.compile(r"^```(python|text)\n(.*?)^```$", re.S | re.M)
+
+
+def doc_snippets() -> list[Any]:
+    params = []
+    for page in DOC_PAGES:
+        path = ROOT / "docs" / page
+        if not path.exists():
+            continue
+        text = path.read_text()
+        blocks = list(_BLOCK.finditer(text))
+        for i, block in enumerate(blocks):
+            if block[1] != "python":
+                continue
+            output = None
+            for after in blocks[i + 1 :]:
+                if after[1] == "python":
+                    break
+                output = after[2]
+                break
+            line = text.count("\n", 0, block.start()) + 1
+            params.append(pytest.param(block[2], output, id=f"{page}:{line}"))
+    return params
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("code", "output"), doc_snippets())
+def test_doc_snippet_runs(code: str, output: str | None, tmp_path: Path) -> None:
+    if "import aioshm" not in code:
+        compile(code, "<snippet>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        return
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    result = run(str(script), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    if output is not None:
+        assert result.stdout.splitlines() == output.splitlines()

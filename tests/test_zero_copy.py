@@ -189,6 +189,12 @@ async def test_cancelled_batches_report_or_did_not_happen() -> None:
             raise
     assert sent == 4
     assert await rx.recv_many(10) == [0, 1, 2, 3]
+    # A timeout raised in place of the cancellation carries the count too.
+    with pytest.raises(TimeoutError) as caught:
+        with anyio.fail_after(0.05):
+            await tx.send_many(range(10, 20))
+    assert aioshm.items_sent(caught.value) == 4
+    assert await rx.recv_many(10) == [10, 11, 12, 13]
     # recv_many cancelled while waiting took nothing.
     with anyio.move_on_after(0.05):
         await rx.recv_many(10)
@@ -340,4 +346,21 @@ def test_loans_across_processes(method: str) -> None:
 
     assert anyio.run(main) == list(range(20))
     join_all([child])
+    rx.close()
+
+
+@pytest.mark.asyncio
+async def test_native_timeout_reports_a_partial_batch() -> None:
+    import asyncio
+
+    tx, rx = aioshm.open_channel[int](capacity=3, max_message_size=64)
+    with pytest.raises(TimeoutError) as caught:
+        async with asyncio.timeout(0.05):
+            await tx.send_many(range(10))
+    assert aioshm.items_sent(caught.value) == 3
+    with pytest.raises(TimeoutError) as caught:
+        await asyncio.wait_for(tx.send_many(range(5)), 0.05)
+    assert aioshm.items_sent(caught.value) == 0  # the channel was full: nothing went
+    assert await rx.recv_many(10) == [0, 1, 2]
+    tx.close()
     rx.close()
