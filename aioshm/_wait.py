@@ -4,8 +4,9 @@ An operation that cannot proceed must sleep until another process changes the sh
 state, and only a thread can sleep on a process-shared semaphore. Rather than lend one
 worker thread to each waiting task, each process has one *hub* per (shared object, side):
 
-* Waiting tasks queue up in the hub and await an event of their own event loop (asyncio
-  or trio, through anyio), so the loop never blocks and no thread is held per task.
+* A waiting task first retries briefly on its own event loop (see :data:`MAX_SPIN`);
+  then it queues up in the hub and awaits an event of its own event loop (asyncio or
+  trio, through anyio), so the loop never blocks and no thread is held per task.
 * The hub's thread sleeps on the doorbell for all of them. When the shared object says
   ``n`` waiters could proceed, it wakes ``n`` tasks, oldest first; they retry their
   non-blocking operation, and a task that loses a race queues up again at the front.
@@ -21,6 +22,7 @@ another process, so that no wake-up is lost.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -39,9 +41,18 @@ T = TypeVar("T")
 
 #: How long an idle hub thread waits for new work before it exits.
 LINGER = 5.0
-#: How long a task keeps retrying on its event loop (a checkpoint before each retry)
-#: before it sleeps in the hub: a reply that comes back this fast costs no thread hop.
-SPIN = 100e-6
+#: A task that must wait first keeps retrying on its event loop, a checkpoint before
+#: each retry, for up to this long: a reply that comes back this fast costs no thread
+#: hop. The budget adapts, as an adaptive mutex's does: it doubles after a spin that
+#: succeeded and halves after one that ended in sleep, down to a single retry. There is
+#: no spinning when more processes share the object than there are CPUs, where a
+#: spinning process would take the CPU from the one it waits for.
+MAX_SPIN = 100e-6
+MIN_SPIN = 10e-6
+#: With no spin budget left, one wait in this many still retries once first (a probe
+#: that lets the budget grow again when the peer speeds up).
+PROBE_EVERY = 8
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class _Waiter:
@@ -74,6 +85,8 @@ class Hub:
         self._woken = 0  # woken waiters that have not finished retrying yet
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._spin = MAX_SPIN
+        self._probe = 0
 
     @property
     def waiting(self) -> int:
@@ -88,15 +101,21 @@ class Hub:
         Cancellation: only the waits are cancellation points, and a cancelled wait
         leaves nothing behind. ``attempt`` must be non-blocking and do all or nothing.
         """
-        spin_until = time.monotonic() + SPIN
-        while True:
+        spin = self._spin if self._obj.processes <= CPUS else 0.0
+        if spin == 0.0:  # spinning has not paid: only probe once in a while whether it would
+            self._probe = (self._probe + 1) % PROBE_EVERY
+        spin_until = time.monotonic() + spin
+        while spin or not self._probe:
             await checkpoint()
             try:
-                return attempt()
+                result = attempt()
             except WouldBlock:
-                pass
-            if time.monotonic() >= spin_until:
+                if time.monotonic() < spin_until:
+                    continue
+                self._spin = self._spin / 2 if self._spin > MIN_SPIN else 0.0
                 break
+            self._spin = min(MAX_SPIN, max(2 * self._spin, MIN_SPIN))
+            return result
         woken = False
         try:
             while True:
