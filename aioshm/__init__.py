@@ -13,12 +13,41 @@ from ._channel import (
     open_channel,
 )
 from ._float_channel import FloatChannel
+from ._sync import (
+    BoundedSemaphore,
+    Condition,
+    ConditionStatistics,
+    Event,
+    EventStatistics,
+    Lock,
+    LockStatistics,
+    RLock,
+    Semaphore,
+    SemaphoreStatistics,
+)
+from ._values import Array, RawArray, RawValue, SynchronizedArray, SynchronizedValue, Value
 
 __all__ = [
+    "Array",
+    "BoundedSemaphore",
     "ChannelStatistics",
+    "Condition",
+    "ConditionStatistics",
+    "Event",
+    "EventStatistics",
     "FloatChannel",
+    "Lock",
+    "LockStatistics",
+    "RLock",
+    "RawArray",
+    "RawValue",
     "ReceiveChannel",
+    "Semaphore",
+    "SemaphoreStatistics",
     "SendChannel",
+    "SynchronizedArray",
+    "SynchronizedValue",
+    "Value",
     "items_sent",
     "open_channel",
 ]
