@@ -280,16 +280,21 @@ class SharedObject:
         return True
 
     def _sweep_after_owner_died(self) -> None:
-        # The dead holder released the mutex while exiting; /proc may lag a little.
+        # The dead holder released the mutex while exiting, and /proc may lag a little
+        # behind: if it does, keep looking from a thread of our own rather than make
+        # this thread (an event loop's, perhaps) wait.
+        if not self.sweep(force=True):
+            threading.Thread(target=self._sweep_until_found, daemon=True).start()
+
+    def _sweep_until_found(self) -> None:
         for _ in range(100):
+            time.sleep(0.005)
             if self.sweep(force=True):
                 return
-            time.sleep(0.005)
 
-    def maybe_sweep(self) -> None:
-        """A sweep if one is due; cheap when it is not."""
-        if time.monotonic() >= self._next_sweep:
-            self.sweep()
+    def maybe_sweep(self) -> bool:
+        """A sweep if one is due (cheap when it is not); whether it gave anything back."""
+        return time.monotonic() >= self._next_sweep and self.sweep()
 
     def _resolve_pending(self) -> None:
         """Write the pids of children this process started into their reservations."""

@@ -30,7 +30,6 @@ import asyncio
 import functools
 import sys
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing import context
 from types import TracebackType
@@ -190,7 +189,7 @@ class _State(SharedObject):
     def swept(self) -> bool:
         """A liveness sweep, if one is due; whether it gave anything back (then the
         failed attempt is worth repeating at once)."""
-        return time.monotonic() >= self._next_sweep and self.sweep()
+        return self.maybe_sweep()
 
     async def tick(self) -> None:
         self.ticks += 1
