@@ -335,6 +335,12 @@ class SharedObject:
         """How many waiters of ``side`` could proceed now (subclasses)."""
         raise NotImplementedError
 
+    def _worth_waking_locked(self, side: int) -> int:
+        """Like :meth:`_ready_locked`, but 0 while too little is ready to be worth a
+        sleeper's wake-up (a low-water mark; subclasses). A sleeper whose wait times
+        out takes whatever is ready."""
+        return self._ready_locked(side)
+
     def _ring_one_locked(self, side: int) -> None:
         ctl = self._ctl
         if ctl[SLEEPERS + side] > 0:
@@ -356,14 +362,15 @@ class SharedObject:
         """Sleep until ``side`` may proceed, a bell rings, or ``timeout`` passes.
 
         Returns how many waiters of ``side`` may proceed beyond ``reserved`` (already
-        woken ones); otherwise :data:`RANG` if a bell woke it, or 0 on timeout. The
-        caller then checks again; a caller that cannot use a bell should
-        :meth:`forward` it.
+        woken ones); otherwise :data:`RANG` if a bell woke it, or 0. The caller then
+        checks again; a caller that cannot use a bell should :meth:`forward` it. It
+        sleeps unless enough is ready to be worth waking for
+        (:meth:`_worth_waking_locked`); after a timeout it counts whatever is ready.
         """
         ctl = self._ctl
         self._lock()
         try:
-            ready = self._ready_locked(side) - reserved
+            ready = self._worth_waking_locked(side) - reserved
             if ready <= 0:
                 ctl[SLEEPERS + side] += 1
         except BaseException:
@@ -376,12 +383,17 @@ class SharedObject:
         if bell.wait(timeout):
             return RANG
         self._lock()
-        if ctl[SLEEPERS + side] > 0:
-            ctl[SLEEPERS + side] -= 1
-        else:  # a waker took our registration: its post is ours to consume
-            bell.try_wait()
+        try:
+            if ctl[SLEEPERS + side] > 0:
+                ctl[SLEEPERS + side] -= 1
+            else:  # a waker took our registration: its post is ours to consume
+                bell.try_wait()
+            ready = self._ready_locked(side) - reserved
+        except BaseException:
+            self._abort()
+            raise
         self._unlock()
-        return 0
+        return max(ready, 0)
 
     def forward(self, side: int) -> None:
         """Pass on a wake-up this process cannot use to another sleeper, if any."""

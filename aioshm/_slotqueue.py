@@ -14,6 +14,9 @@ sending and receiving processes, and processes that die at any instant.
   ``READY`` slots are the ones on the ring. A slot in ``WRITING`` or ``READING`` names
   the process-table entry that holds it, so a survivor can give it back when its holder
   dies: a half-written slot is freed (never seen), a half-read one is queued again.
+* Receivers are woken for every message; senders asleep on a full queue are woken once a
+  quarter of the slots are free (a low-water mark, as TCP's), so that under contention
+  one wake-up carries a burst of messages.
 * A message occupies ``slot[start:length]``. A small one is copied in or out with the
   mutex held, as one ``memcpy`` in one locked round per operation; encoding and decoding
   happen outside. A large one is copied with its slot claimed and the mutex free, so
@@ -99,6 +102,10 @@ class SlotQueue(SharedObject):
         super().__init__(segment)
         self.capacity = segment.layout.capacity
         self.max_message_size = segment.layout.max_message_size
+        #: A sender asleep on a full queue is woken once this many slots are free (as
+        #: TCP wakes a writer once a third of its buffer is free), so that one wake-up
+        #: sends a burst rather than a message; a send that can proceed never waits.
+        self.low_water = max(1, self.capacity // 4)
         self._ring = segment.ring
         self._free = segment.free
         self._slots = segment.slots
@@ -397,7 +404,7 @@ class SlotQueue(SharedObject):
         n = ctl[NFREE]
         self._free[n] = slot
         ctl[NFREE] = n + 1
-        if ctl[SLEEPERS + SEND]:
+        if ctl[SLEEPERS + SEND] and n + 1 >= self.low_water:
             self._ring_one_locked(SEND)
 
     def _requeue_locked(self, slot: int) -> None:
@@ -416,6 +423,10 @@ class SlotQueue(SharedObject):
         if buffered > 0:
             return buffered
         return INFINITE if ctl[OPEN + SEND] <= 0 else 0
+
+    def _worth_waking_locked(self, side: int) -> int:
+        ready = self._ready_locked(side)
+        return ready if side == RECV or ready >= self.low_water else 0
 
     def _holds_locked(self, entry: int) -> bool:
         slots = self._slots

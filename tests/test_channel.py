@@ -307,3 +307,26 @@ async def test_float_channel_async_roundtrip() -> None:
     assert await ch.recv() == values
     assert await ch.recv() == [0.0, 1.0, 2.0]
     ch.close()
+
+
+@pytest.mark.anyio
+async def test_sender_asleep_below_the_low_water_mark_still_gets_in() -> None:
+    """Sleeping senders are woken once a quarter of the slots are free; one that is
+    asleep when fewer free up (the receiver then stops) still gets in within a slice."""
+    tx, rx = aioshm.open_channel[int](capacity=8, max_message_size=64)
+    assert tx._queue.low_water == 2
+    for i in range(8):
+        tx.send_nowait(i)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tx.send, 8)
+        with anyio.fail_after(10):
+            while tx.statistics().tasks_waiting_send == 0:
+                await anyio.sleep(0.005)
+        await anyio.sleep(0.05)  # asleep in the hub
+        assert rx.recv_nowait() == 0  # one slot: below the low-water mark
+        with anyio.fail_after(1):
+            while tx.statistics().tasks_waiting_send:
+                await anyio.sleep(0.005)
+    assert [rx.recv_nowait() for _ in range(8)] == list(range(1, 9))
+    tx.close()
+    rx.close()
