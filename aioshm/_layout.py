@@ -38,6 +38,7 @@ from ._posix import MUTEX_SIZE, SEM_SIZE, RobustMutex, SharedSemaphore
 __all__ = ["HEADER_RESERVE", "Layout", "Segment"]
 
 ALIGN = 64
+_HUGE_PAGE = 2 << 20
 #: Bytes at the start of each slot kept for the message header (dtype, shape).
 HEADER_RESERVE = 256
 #: Entries in the process table: processes (and pending children) holding handles.
@@ -136,6 +137,10 @@ class Segment:
         self.fd = fd
         self.layout = layout
         self._map = mmap.mmap(fd, layout.size)
+        if layout.size >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+            # Large slots copy faster with fewer TLB misses, where the system lets shared
+            # memory use huge pages (transparent_hugepage/shmem_enabled "advise").
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         self._finalizer = weakref.finalize(self, os.close, fd)
         whole = memoryview(self._map)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
