@@ -193,11 +193,7 @@ class _Handle:
         """
         if self._closed:
             return
-        was_owned = self._owned
-        self._closed = True
-        self._usable = False
-        if was_owned:
-            self._release_ownership()
+        self._retire()
         self._hub.wake_tagged(self)
         if self._channel.blocking[self._side]:
             self._queue.wake_all(self._side)
@@ -218,6 +214,13 @@ class _Handle:
     ) -> None:
         self.close()
 
+    def _retire(self) -> None:
+        """Mark this handle closed and, if it was this process's, stop counting it."""
+        self._closed = True
+        self._usable = False
+        if self._owned:
+            self._release_ownership()
+
     def _release_ownership(self) -> None:
         self._owned = False
         try:
@@ -227,9 +230,7 @@ class _Handle:
 
     def __del__(self) -> None:
         if getattr(self, "_owned", False) and not self._closed:
-            self._closed = True
-            self._usable = False
-            self._release_ownership()  # first: the warning may be turned into an error
+            self._retire()  # first: the warning may be turned into an error
             warnings.warn(
                 f"unclosed {self!r}: close it, or use it as a context manager",
                 ResourceWarning,
@@ -287,9 +288,7 @@ class _Handle:
 
     def _close_at_exit(self) -> None:
         if self._owned and not self._closed:
-            self._closed = True
-            self._usable = False
-            self._release_ownership()
+            self._retire()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._owned else "not owned"

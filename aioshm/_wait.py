@@ -44,9 +44,9 @@ LINGER = 5.0
 #: A task that must wait first keeps retrying on its event loop, a checkpoint before
 #: each retry, for up to this long: a reply that comes back this fast costs no thread
 #: hop. The budget adapts, as an adaptive mutex's does: it doubles after a spin that
-#: succeeded and halves after one that ended in sleep, down to a single retry. There is
-#: no spinning when more processes share the object than there are CPUs, where a
-#: spinning process would take the CPU from the one it waits for.
+#: succeeded and halves after one that ended in sleep, down to none. There is no
+#: spinning when more processes share the object than there are CPUs, where a spinning
+#: process would take the CPU from the one it waits for.
 MAX_SPIN = 100e-6
 MIN_SPIN = 10e-6
 #: With no spin budget left, one wait in this many still retries once first (a probe
