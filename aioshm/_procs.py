@@ -10,8 +10,9 @@ before it turns into a zombie, and the next holder must be able to tell who died
 from __future__ import annotations
 
 import os
+import time
 
-__all__ = ["is_alive", "my_identity", "start_time"]
+__all__ = ["is_alive", "my_identity", "others_runnable", "start_time"]
 
 _DEAD_STATES = frozenset("ZXx")
 _PF_EXITING = 0x4
@@ -69,3 +70,21 @@ def my_identity() -> tuple[int, int]:
     if _identity is None or _identity[0] != pid:
         _identity = (pid, start_time(pid))
     return _identity
+
+
+_runnable = (0.0, 0)
+
+
+def others_runnable() -> int:
+    """How many other tasks of the machine are runnable right now (from the kernel's
+    instantaneous count in ``/proc/loadavg``; re-read at most every 50 ms)."""
+    global _runnable
+    now = time.monotonic()
+    if now - _runnable[0] >= 0.05:
+        try:
+            with open("/proc/loadavg", "rb") as f:
+                running = int(f.read().split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):  # pragma: no cover - no /proc
+            running = 1
+        _runnable = (now, max(0, running - 1))
+    return _runnable[1]

@@ -84,7 +84,6 @@ class SharedObject:
         """Process-local bookkeeping (reset in a forked child)."""
         self._pending: dict[int, tuple[int, weakref.ref[Any]]] = {}
         self._next_sweep = 0.0
-        self.processes = 1  # live processes attached, as of the last sweep
         self._local = threading.Lock()
         self._deferred: list[Callable[[], object]] = []
 
@@ -249,7 +248,6 @@ class SharedObject:
         procs = self._procs
         me = _procs.my_identity()[0]
         dead = []
-        alive = {me}
         for entry in range(MAX_PROCS):
             base = entry * PROC_FIELDS
             kind = procs[base + P_KIND]
@@ -258,11 +256,8 @@ class SharedObject:
             pid, started = procs[base + P_PID], procs[base + P_START]
             if pid == 0:  # a reservation whose child is not known yet: the parent vouches
                 pid, started = procs[base + P_RES_PID], procs[base + P_RES_START]
-            if pid == me or _procs.is_alive(pid, started):
-                alive.add(pid)
-            else:
+            if pid != me and not _procs.is_alive(pid, started):
                 dead.append((entry, kind, procs[base + P_PID], procs[base + P_NONCE]))
-        self.processes = len(alive)
         if not dead:
             return False
         with self.critical():

@@ -99,6 +99,43 @@ class _Storage:
 # ---------------------------------------------------------------------- values
 
 
+class _Guarded:
+    """Storage guarded by a lock: ``get_lock()``, and ``with``/``async with`` on it."""
+
+    _lock: Lock | RLock
+
+    def get_lock(self) -> Lock | RLock:
+        """The lock guarding the storage: an aioshm :class:`~aioshm.Lock`, or the lock
+        given as ``lock=``."""
+        return self._lock
+
+    def _lock_or_none(self) -> Lock | RLock | None:
+        return self._lock
+
+    async def __aenter__(self) -> None:
+        """Acquire the lock (see :meth:`aioshm.Lock.acquire`, cancellation included)."""
+        await self._lock.acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self._lock.__aexit__(exc_type, exc_val, exc_tb)
+
+    def __enter__(self) -> None:
+        self._lock.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self._lock.__exit__(exc_type, exc_val, exc_tb)
+
+
 class RawValue(_Storage):
     """A ctypes value in shared memory, with no lock (``multiprocessing.RawValue``).
 
@@ -144,7 +181,7 @@ class RawValue(_Storage):
         return f"<aioshm.{type(self).__name__} {self._ctype.__name__} {shown}>"
 
 
-class SynchronizedValue(RawValue):
+class SynchronizedValue(_Guarded, RawValue):
     """A ctypes value in shared memory with a lock, as :func:`Value` makes.
 
     ``async with v.get_lock(): v.value += 1`` (or ``async with v:``, the same) in any
@@ -153,41 +190,8 @@ class SynchronizedValue(RawValue):
     nothing); nothing else waits.
     """
 
-    _lock: Lock | RLock
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("use aioshm.Value(...) to make a SynchronizedValue")
-
-    def get_lock(self) -> Lock | RLock:
-        """The lock guarding the value: an aioshm :class:`~aioshm.Lock`, or the lock
-        given as ``lock=``."""
-        return self._lock
-
-    def _lock_or_none(self) -> Lock | RLock | None:
-        return self._lock
-
-    async def __aenter__(self) -> None:
-        """Acquire the lock (see :meth:`aioshm.Lock.acquire`, cancellation included)."""
-        await self._lock.acquire()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        await self._lock.__aexit__(exc_type, exc_val, exc_tb)
-
-    def __enter__(self) -> None:
-        self._lock.__enter__()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self._lock.__exit__(exc_type, exc_val, exc_tb)
 
 
 def _rebuild_value(
@@ -324,7 +328,7 @@ class RawArray(_Storage):
         return f"<aioshm.{type(self).__name__} {self._ctype.__name__}[{self._length}]>"
 
 
-class SynchronizedArray(RawArray):
+class SynchronizedArray(_Guarded, RawArray):
     """A ctypes array in shared memory with a lock, as :func:`Array` makes.
 
     ``async with a.get_lock(): ...`` (or ``async with a:``) in any process.
@@ -332,41 +336,8 @@ class SynchronizedArray(RawArray):
     cancelled one holds nothing); nothing else waits.
     """
 
-    _lock: Lock | RLock
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("use aioshm.Array(...) to make a SynchronizedArray")
-
-    def get_lock(self) -> Lock | RLock:
-        """The lock guarding the array: an aioshm :class:`~aioshm.Lock`, or the lock
-        given as ``lock=``."""
-        return self._lock
-
-    def _lock_or_none(self) -> Lock | RLock | None:
-        return self._lock
-
-    async def __aenter__(self) -> None:
-        """Acquire the lock (see :meth:`aioshm.Lock.acquire`, cancellation included)."""
-        await self._lock.acquire()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        await self._lock.__aexit__(exc_type, exc_val, exc_tb)
-
-    def __enter__(self) -> None:
-        self._lock.__enter__()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self._lock.__exit__(exc_type, exc_val, exc_tb)
 
 
 def _size_and_initial(size_or_initializer: int | Iterable[Any]) -> tuple[int, list[Any] | None]:

@@ -4,7 +4,7 @@ An operation that cannot proceed must sleep until another process changes the sh
 state, and only a thread can sleep on a process-shared semaphore. Rather than lend one
 worker thread to each waiting task, each process has one *hub* per (shared object, side):
 
-* A waiting task first retries briefly on its own event loop (see :data:`MAX_SPIN`);
+* A waiting task first retries briefly on its own event loop (see :data:`SPIN`);
   then it queues up in the hub and awaits an event of its own event loop (asyncio or
   trio, through anyio), so the loop never blocks and no thread is held per task.
 * The hub's thread sleeps on the doorbell for all of them. When the shared object says
@@ -33,6 +33,7 @@ import anyio
 from anyio import WouldBlock
 from anyio.lowlevel import EventLoopToken, checkpoint, current_token
 
+from . import _procs
 from ._shared import RANG, SLICE, SharedObject
 
 __all__ = ["Hub"]
@@ -43,15 +44,13 @@ T = TypeVar("T")
 LINGER = 5.0
 #: A task that must wait first keeps retrying on its event loop, a checkpoint before
 #: each retry, for up to this long: a reply that comes back this fast costs no thread
-#: hop. The budget adapts, as an adaptive mutex's does: it doubles after a spin that
-#: succeeded and halves after one that ended in sleep, down to none. There is no
-#: spinning when more processes share the object than there are CPUs, where a spinning
-#: process would take the CPU from the one it waits for.
-MAX_SPIN = 100e-6
-MIN_SPIN = 10e-6
-#: With no spin budget left, one wait in this many still retries once first (a probe
-#: that lets the budget grow again when the peer speeds up).
-PROBE_EVERY = 8
+#: hop. It spins only while waits have lately been short enough for that to pay (a
+#: moving average under :data:`SPIN_WHILE_WAITS_UNDER`; a consumer that waits a
+#: millisecond for each large message does not spin), and not while the other runnable
+#: tasks of the machine can fill every CPU, where a spinning process would take the CPU
+#: from the one it waits for.
+SPIN = 100e-6
+SPIN_WHILE_WAITS_UNDER = 4 * SPIN
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -85,8 +84,7 @@ class Hub:
         self._woken = 0  # woken waiters that have not finished retrying yet
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._spin = MAX_SPIN
-        self._probe = 0
+        self._typical_wait = 0.0  # a moving average of how long waits last
 
     @property
     def waiting(self) -> int:
@@ -101,34 +99,39 @@ class Hub:
         Cancellation: only the waits are cancellation points, and a cancelled wait
         leaves nothing behind. ``attempt`` must be non-blocking and do all or nothing.
         """
-        spin = self._spin if self._obj.processes <= CPUS else 0.0
-        if spin == 0.0:  # spinning has not paid: only probe once in a while whether it would
-            self._probe = (self._probe + 1) % PROBE_EVERY
-        spin_until = time.monotonic() + spin
-        while spin or not self._probe:
-            await checkpoint()
-            try:
-                result = attempt()
-            except WouldBlock:
-                if time.monotonic() < spin_until:
-                    continue
-                self._spin = self._spin / 2 if self._spin > MIN_SPIN else 0.0
-                break
-            self._spin = min(MAX_SPIN, max(2 * self._spin, MIN_SPIN))
-            return result
+        started = time.monotonic()
+        if self._typical_wait < SPIN_WHILE_WAITS_UNDER and _procs.others_runnable() < CPUS:
+            spin_until = started + SPIN
+            while True:
+                await checkpoint()
+                try:
+                    result = attempt()
+                except WouldBlock:
+                    if time.monotonic() < spin_until:
+                        continue
+                    break
+                self._waited(started)
+                return result
         woken = False
         try:
             while True:
                 await self._sleep(tag, front=woken)
                 woken = True
                 try:
-                    return attempt()
+                    result = attempt()
                 except WouldBlock:
                     self._retried()
                     woken = False
+                    continue
+                self._waited(started)
+                return result
         finally:
             if woken:
                 self._retried()
+
+    def _waited(self, started: float) -> None:
+        """Fold a wait's duration into the moving average that decides on spinning."""
+        self._typical_wait += (time.monotonic() - started - self._typical_wait) / 4
 
     async def _sleep(self, tag: object, front: bool) -> None:
         waiter = _Waiter(current_token(), anyio.Event(), tag)
