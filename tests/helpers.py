@@ -29,6 +29,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10, what: str = "
     return time.monotonic() - start
 
 
+def shared_sleepers(handle: Any, side: str) -> int:
+    """Threads of every process registered asleep on a channel's ``"send"`` or
+    ``"recv"`` doorbell: read from the shared control block, so that a test can tell
+    that another process really sleeps in ``send``/``recv`` (not merely that it is about
+    to call it)."""
+    from aioshm._layout import SLEEPERS
+    from aioshm._shared import RECV, SEND
+
+    queue = handle._queue
+    return int(queue._ctl[SLEEPERS + {"send": SEND, "recv": RECV}[side]])
+
+
 def mutex_held(obj: Any) -> bool:
     """Whether anyone (another process, or the calling thread) holds ``obj``'s mutex,
     probed with a trylock from a fresh thread."""

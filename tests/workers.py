@@ -25,6 +25,33 @@ def produce(tx: aioshm.SendChannel[Any], producer: int, count: int, backend: str
     anyio.run(main, backend=backend)
 
 
+def produce_after(
+    go: Any, tx: aioshm.SendChannel[Any], producer: int, count: int, backend: str
+) -> None:
+    """Wait for the event ``go``, then :func:`produce`."""
+    if not go.wait(60):
+        raise SystemExit(3)
+    produce(tx, producer, count, backend)
+
+
+def produce_counted(
+    tx: aioshm.SendChannel[Any], producer: int, progress: Any, backend: str
+) -> None:
+    """Send ``(producer, i)`` for ever, counting in the shared ``progress`` the sends
+    started (``progress[0]``) and the sends that returned (``progress[1]``)."""
+
+    async def main() -> None:
+        async with tx:
+            i = 0
+            while True:
+                progress[0] = i + 1
+                await tx.send((producer, i))
+                progress[1] = i + 1
+                i += 1
+
+    anyio.run(main, backend=backend)
+
+
 def produce_arrays(tx: aioshm.SendChannel[Any], producer: int, count: int, backend: str) -> None:
     async def main() -> None:
         async with tx:
