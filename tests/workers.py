@@ -91,6 +91,12 @@ def hold_forever(*handles: Any) -> None:
     time.sleep(3600)
 
 
+def send_then_hold(tx: aioshm.SendChannel[Any], message: Any) -> None:
+    """Send ``message`` with a handle passed to this process, then hold it until killed."""
+    tx.send_blocking(message, timeout=10)
+    time.sleep(3600)
+
+
 def use_inherited(flag: aioshm.SendChannel[Any], inherited: aioshm.SendChannel[Any]) -> None:
     """Report how using an inherited (not passed) handle fails."""
     try:
