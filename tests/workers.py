@@ -228,7 +228,11 @@ def loop_ends_with_blocked_tasks(
         tx.send_nowait("fills the slot")
         tasks = [asyncio.create_task(rx.recv()) for _ in range(5)]
         tasks += [asyncio.create_task(tx.send("blocked")) for _ in range(5)]
-        await asyncio.sleep(0.3)  # everyone asleep in the hubs
+        while True:  # until everyone is asleep in the hubs
+            recv_stats, send_stats = rx.statistics(), tx.statistics()
+            if (recv_stats.tasks_waiting_receive, send_stats.tasks_waiting_send) == (5, 5):
+                break
+            await asyncio.sleep(0.001)
         assert not any(task.done() for task in tasks)
         # returning ends the loop: asyncio.run cancels the blocked tasks
 
