@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import aioshm
+from aioshm._slotqueue import LOCKED_COPY_LIMIT
 
 from . import workers
 from .helpers import mutex_held, shared_sleepers, wait_until
@@ -25,6 +26,7 @@ from .helpers import mutex_held, shared_sleepers, wait_until
 pytestmark = pytest.mark.timeout(60)
 
 DEADLINE = 1.0  # the issue's bound for noticing a dead peer
+LARGE = 4 * LOCKED_COPY_LIMIT  # copied in and out of its slot with the mutex free
 
 
 def kill(proc: multiprocessing.process.BaseProcess) -> float:
@@ -177,6 +179,66 @@ def test_killed_view_holder_has_its_message_redelivered(
     assert got.tolist() == [0, 1, 2, 3]
     assert [rx.recv_nowait(), rx.recv_nowait()] == ["second", "third"]
     assert rx.statistics().redelivered_messages == 1
+    child.join(10)
+    for handle in (tx, rx, ready_rx):
+        handle.close()
+
+
+def test_killed_while_copying_a_large_message_in(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    """Killed while copying a large message into its slot (outside the mutex): the slot
+    is freed, counted in ``reclaimed_slots``; the half-written message is never seen,
+    and the messages around it flow in order."""
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=LARGE)
+    ready_tx, ready_rx = ready_channel()
+    tx.send_nowait("before")
+    child = ctx.Process(target=workers.die_copying_in, args=(tx, ready_tx, LARGE))
+    child.start()
+    ready_tx.close()
+    assert ready_rx.recv_blocking(timeout=30) == "ready"
+    stats = rx.statistics()
+    assert (stats.slots_in_use, stats.free_slots, stats.current_buffer_used) == (1, 0, 1)
+    killed_at = kill(child)
+    wait_until(lambda: rx.statistics().reclaimed_slots == 1, what="the slot to be reclaimed")
+    assert time.monotonic() - killed_at < DEADLINE
+    tx.send_nowait("after")
+    assert [rx.recv_nowait(), rx.recv_nowait()] == ["before", "after"]
+    with pytest.raises(anyio.WouldBlock):
+        rx.recv_nowait()
+    stats = rx.statistics()
+    assert (stats.slots_in_use, stats.free_slots, stats.redelivered_messages) == (0, 2, 0)
+    child.join(10)
+    for handle in (tx, rx, ready_rx):
+        handle.close()
+
+
+def test_killed_while_copying_a_large_message_out(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    """Killed while copying a large message out of its slot (outside the mutex): the
+    receive had not returned, so the message goes back to the head of the queue and is
+    delivered, whole, exactly once, ahead of the message behind it."""
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=LARGE)
+    ready_tx, ready_rx = ready_channel()
+    large = np.arange(LARGE // 8, dtype=np.float64)
+    tx.send_nowait(large)
+    child = ctx.Process(target=workers.die_copying_out, args=(rx, ready_tx))
+    child.start()
+    ready_tx.close()
+    assert ready_rx.recv_blocking(timeout=30) == "ready"
+    tx.send_nowait("behind it")
+    stats = rx.statistics()
+    assert (stats.slots_in_use, stats.current_buffer_used) == (1, 1)
+    killed_at = kill(child)
+    wait_until(lambda: rx.statistics().redelivered_messages == 1, what="the redelivery")
+    assert time.monotonic() - killed_at < DEADLINE
+    assert np.array_equal(rx.recv_nowait(), large)
+    assert rx.recv_nowait() == "behind it"
+    with pytest.raises(anyio.WouldBlock):
+        rx.recv_nowait()
+    stats = rx.statistics()
+    assert (stats.slots_in_use, stats.free_slots, stats.reclaimed_slots) == (0, 2, 0)
     child.join(10)
     for handle in (tx, rx, ready_rx):
         handle.close()

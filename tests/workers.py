@@ -239,3 +239,30 @@ def loop_ends_with_blocked_tasks(
     asyncio.run(main())
     report.send_blocking(time.monotonic(), timeout=10)
     report.close()
+
+
+def die_copying_in(tx: aioshm.SendChannel[Any], ready: aioshm.SendChannel[Any], size: int) -> None:
+    """Send a large message, but stop in the middle of copying it into its slot (done
+    with the mutex free): signal, and wait to be killed there."""
+    from aioshm import _codec
+
+    def stuck(self: Any, slot: memoryview) -> None:
+        slot[self.start : self.start + 64] = b"\xee" * 64  # half-written
+        ready.send_blocking("ready", timeout=10)
+        time.sleep(3600)
+
+    _codec.Encoded.write = stuck  # type: ignore[method-assign]
+    tx.send_blocking(np.zeros(size // 8), timeout=10)
+
+
+def die_copying_out(rx: aioshm.ReceiveChannel[Any], ready: aioshm.SendChannel[Any]) -> None:
+    """Receive a large message, but stop in the middle of copying it out of its slot
+    (done with the mutex free): signal, and wait to be killed there."""
+    from aioshm import _channel
+
+    def stuck(message: memoryview, owned: bool) -> Any:
+        ready.send_blocking("ready", timeout=10)
+        time.sleep(3600)
+
+    _channel.decode = stuck  # type: ignore[assignment]
+    rx.recv_blocking(timeout=10)
