@@ -799,7 +799,11 @@ def test_semaphore_permits_of_a_killed_process(ctx: Ctx) -> None:
             with anyio.fail_after(10):
                 await got_it.wait()
             elapsed = time.monotonic() - killed_at
-        await anyio.sleep(0.3)  # time for any (wrong) return of the consumed permit
+        # Both children dead and reaped, and a sweep forced: any (wrong) return of
+        # the consumed permit has happened by now.
+        for child in children:
+            child.join(10)
+        assert sem._state.sweep(force=True) is False  # nothing left to reclaim
         return elapsed
 
     assert anyio.run(main) < DEADLINE
