@@ -122,11 +122,13 @@ def block_in_send(tx: aioshm.SendChannel[Any], ready: aioshm.SendChannel[Any]) -
     """Fill the channel, signal, then block in send until killed."""
 
     async def main() -> None:
+        i = 0
         while True:
             try:
-                tx.send_nowait("filler")
+                tx.send_nowait(f"filler {i}")
             except anyio.WouldBlock:
                 break
+            i += 1
         await ready.send("ready")
         await tx.send("blocked")
 
