@@ -68,9 +68,15 @@ def _send_large(tx: aioshm.SendChannel[Any], producer: int, count: int, backend:
 
 
 def _receive_large(
-    rx: aioshm.ReceiveChannel[Any], report: aioshm.SendChannel[Any], backend: str
+    rx: aioshm.ReceiveChannel[Any],
+    report: aioshm.SendChannel[Any],
+    backend: str,
+    started: Any,
+    consumers: int,
 ) -> None:
-    """Receive until the end of the stream, checking that every message is whole."""
+    """Receive until the end of the stream, checking that every message is whole.
+    After its first message, wait until every consumer has had one (``started``
+    counts them), so that all of them race for the rest."""
 
     async def main() -> None:
         got: list[int] = []
@@ -80,6 +86,12 @@ def _receive_large(
                 if message.shape != (LARGE // 8,) or not (message == message[0]).all():
                     torn += 1
                 got.append(int(message[0]))
+                if len(got) == 1:
+                    with started.get_lock():
+                        started.value += 1
+                    with anyio.fail_after(30):
+                        while started.value < consumers:
+                            await anyio.sleep(0.001)
         async with report:
             await report.send((got, torn))
 
@@ -99,8 +111,9 @@ def test_large_messages_are_never_torn_with_several_consumers(
         ctx.Process(target=_send_large, args=(tx, p, count, backend))
         for p, backend in enumerate(("asyncio", "trio"))
     ]
+    started = ctx.Value("i", 0)
     consumers = [
-        ctx.Process(target=_receive_large, args=(rx, report_tx, backend))
+        ctx.Process(target=_receive_large, args=(rx, report_tx, backend, started, 3))
         for backend in ("asyncio", "trio", "asyncio")
     ]
     for proc in producers + consumers:
@@ -115,7 +128,7 @@ def test_large_messages_are_never_torn_with_several_consumers(
     received = Counter(value for got, _ in reports for value in got)
     assert set(received) == {p * 1_000_000 + i for p in range(2) for i in range(count)}
     assert max(received.values()) == 1
-    assert sum(1 for got, _ in reports if got) >= 2  # the consumers did race
+    assert all(got for got, _ in reports)  # every consumer took part
     for got, _ in reports:
         for p in range(2):
             mine = [v for v in got if v // 1_000_000 == p]
