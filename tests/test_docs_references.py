@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["docs/guarantees.md", "docs/shared-state.md"]
 #: `tests/test_x.py::name`, or `::name` (in the file named last before it).
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?::(\w+)`")
+#: `tests/test_x.py`: every test of that file.
+WHOLE_FILE = re.compile(r"`(tests/[\w/]+\.py)`")
 
 
 def _rows(page: str) -> list[tuple[int, str, str]]:
@@ -40,7 +42,13 @@ def test_every_guarantee_names_tests_that_exist(page: str) -> None:
     current = None  # a `::name` refers to the file named last, in this row or above
     for number, guarantee, proof in rows:
         found = REFERENCE.findall(proof)
-        assert found, f"{page}:{number}: no test named for {guarantee!r}"
+        files = WHOLE_FILE.findall(proof)
+        assert found or files, f"{page}:{number}: no test named for {guarantee!r}"
+        for path in files:
+            source = (ROOT / path).read_text() if (ROOT / path).exists() else ""
+            if not re.search(r"^(async )?def test_\w+\(", source, re.MULTILINE):
+                missing.append(f"{page}:{number}: {path} (no such file, or no test in it)")
+            current = path
         for path, name in found:
             current = path or current
             assert current, f"{page}:{number}: `::{name}` before any file is named"
