@@ -55,6 +55,7 @@ if sys.version_info < (3, 12):  # Python code there: read its dict
     _current_task = getattr(asyncio.tasks, "_current_tasks", {}).get
 
 _anyio_states: Any = None  # anyio's asyncio backend's task states, once it is imported
+_trio_context: Any = None  # trio's per-thread run context, once trio is imported
 
 
 def _no_task() -> object:
@@ -79,16 +80,12 @@ def cancel_pending() -> bool:  # noqa: PLR0911 (one early return per source)
     task = _current_task(loop)
     if task is None:
         return False
-    if getattr(task, "_must_cancel", False):  # Task.cancel() while the task runs
-        return True
-    global _last_task, _last_state
-    if _last_task() is task:
-        state = _last_state
-    else:
-        states = _find_anyio_states() if _anyio_states is None else _anyio_states
-        state = None if states is None else states.get(task)
-        if state is not None:  # it stays the task's for the task's life
-            _last_task, _last_state = ref(task), state
+    try:
+        if task._must_cancel:  # Task.cancel() while the task runs
+            return True
+    except AttributeError:  # a task of another kind than asyncio's
+        pass
+    state = _last_state if _last_task() is task else _anyio_state(task)
     if state is not None:
         scope = state.cancel_scope
         while scope is not None:
@@ -97,7 +94,10 @@ def cancel_pending() -> bool:  # noqa: PLR0911 (one early return per source)
             if scope._shield:
                 break
             scope = scope._parent_scope
-    ready = getattr(loop, "_ready", None)
+    try:
+        ready = loop._ready  # type: ignore[attr-defined]
+    except AttributeError:  # not asyncio's own loop
+        return False
     if ready:
         if len(ready) > READY_SCAN_LIMIT:
             return True
@@ -111,23 +111,31 @@ def cancel_pending() -> bool:  # noqa: PLR0911 (one early return per source)
     return False
 
 
-def _find_anyio_states() -> Any:
-    """anyio's map of asyncio tasks to their cancel scopes, if anyio's asyncio backend
-    is in use (it is imported on first use of anyio under asyncio)."""
-    global _anyio_states
-    module = sys.modules.get("anyio._backends._asyncio")
-    if module is not None:
-        _anyio_states = module._task_states
-    return _anyio_states
+def _anyio_state(task: object) -> Any:
+    """anyio's state of an asyncio task (its cancel scope), if it has one; the last
+    found is kept, with the task, for the next call."""
+    global _anyio_states, _last_task, _last_state
+    if _anyio_states is None:  # anyio's asyncio backend is imported on first use
+        module = sys.modules.get("anyio._backends._asyncio")
+        if module is None:
+            return None
+        _anyio_states = module._task_states.data  # a WeakKeyDictionary's own dict
+    state = _anyio_states.get(ref(task))
+    if state is not None:  # it stays the task's for the task's life
+        _last_task, _last_state = ref(task), state
+    return state
 
 
 def _trio_cancel_pending() -> bool:
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
+    global _trio_context
+    if _trio_context is None:
+        if "trio" not in sys.modules:  # no trio run can be in progress
+            return False
+        # What trio.lowlevel.current_task() reads, without its frame.
+        _trio_context = sys.modules["trio._core._run"].GLOBAL_RUN_CONTEXT
     try:
-        task = trio.lowlevel.current_task()
-    except RuntimeError:  # no trio run in this thread
+        task = _trio_context.task
+    except AttributeError:  # no trio run in this thread
         return False
     if task._cancel_status.effectively_cancelled:
         return True
