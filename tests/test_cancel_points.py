@@ -296,3 +296,18 @@ async def test_nothing_pending_goes_through(name: str) -> None:
     async with CASES[name]() as c:
         await c.op()
         assert c.happened() or name == "event_wait"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_long_ready_queue_makes_the_call_yield_not_fail() -> None:
+    """Past READY_SCAN_LIMIT queued callbacks the check answers yes rather than scan
+    them all: the call then yields (running them) and goes through."""
+    loop = asyncio.get_running_loop()
+    ran: list[int] = []
+    for i in range(_checkpoint.READY_SCAN_LIMIT + 1):
+        loop.call_soon(ran.append, i)
+    assert _checkpoint.cancel_pending() is True
+    async with CASES["recv"]() as c:
+        await c.op()
+        assert c.happened()
+    assert len(ran) == _checkpoint.READY_SCAN_LIMIT + 1  # the call yielded: they ran
