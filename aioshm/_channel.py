@@ -40,7 +40,7 @@ from ._codec import Message, copy_into, decode, encode, loan_layout, view
 from ._layout import HEADER_RESERVE
 from ._posix import Reentered, supported
 from ._shared import RECV, SEND
-from ._slotqueue import SlotQueue
+from ._slotqueue import CorruptMessage, SlotQueue
 from ._wait import Hub
 
 __all__ = ["ChannelStatistics", "ReceiveChannel", "SendChannel", "open_channel"]
@@ -82,6 +82,10 @@ class ChannelStatistics(NamedTuple):
     """Slots taken back from processes that died holding them (their message unsent)."""
     redelivered_messages: int
     """Messages queued again because the process reading them died."""
+    dropped_messages: int = 0
+    """Messages taken off the channel because they could not be received (decoding
+    failed, or the message was corrupt); each raised :class:`aioshm.MessageDropped` in
+    the receiver that took it."""
 
 
 class _Channel:
@@ -255,6 +259,7 @@ class _Handle:
             max_message_size=self._queue.max_message_size,
             reclaimed_slots=counters.reclaimed,
             redelivered_messages=counters.redelivered,
+            dropped_messages=counters.dropped,
         )
 
     def _block(self, attempt: Any, timeout: float | None) -> Any:
@@ -486,10 +491,8 @@ class _Loan:
         timeout: float | None = None,
     ) -> None:
         self._tx = tx
-        self._dtype = np.dtype(dtype)
-        self._shape = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        self._header, self._start, self._offset, self._length = loan_layout(
-            self._dtype, self._shape
+        self._dtype, self._shape, self._header, self._start, self._offset, self._length = (
+            loan_layout(dtype, shape)
         )
         limit = tx._queue.max_message_size
         if self._length - HEADER_RESERVE > limit:
@@ -687,6 +690,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             slot, message = await self._hub.retry(self._take, self)
         try:
             copy_into(message, out)
+        except CorruptMessage as exc:
+            self._queue.drop(slot, exc)
         except BaseException:
             self._queue.put_back(slot)
             raise
@@ -715,6 +720,8 @@ class _View:
             slot, message = await rx._hub.retry(rx._take, rx)
         try:
             array = view(message)
+        except CorruptMessage as exc:
+            rx._queue.drop(slot, exc)
         except BaseException:
             rx._queue.put_back(slot)
             raise
