@@ -333,9 +333,9 @@ class SlotQueue(SharedObject):
         if head is None:
             return self._empty_locked(), -1, None, 0
         slot, start, length, error = self._head_locked(head)
-        ctl[HEAD] = head + 1
         if error is not None:
             return _CORRUPT, slot, error, 0
+        ctl[HEAD] = head + 1
         if length <= LOCKED_COPY_LIMIT:
             copy = bytearray(self._payload[slot][start:length])
             self._free_locked(slot)
@@ -380,16 +380,16 @@ class SlotQueue(SharedObject):
         head = self._oldest_locked()
         if head is None:
             return self._empty_locked(), copies, errors
-        tail = ctl[TAIL]
-        while head < tail and len(copies) + len(errors) < limit:
+        while head < ctl[TAIL] and len(copies) + len(errors) < limit:
             slot, start, length, error = self._head_locked(head)
-            if error is None and length > LOCKED_COPY_LIMIT:
+            if error is not None:
+                errors.append(error)
+                head = ctl[HEAD]  # taken off (and the ring repaired)
+                continue
+            if length > LOCKED_COPY_LIMIT:
                 break
             head += 1
             ctl[HEAD] = head
-            if error is not None:
-                errors.append(error)
-                continue
             copies.append(bytearray(self._payload[slot][start:length]))
             self._free_locked(slot)
         return _DONE, copies, errors
@@ -412,9 +412,9 @@ class SlotQueue(SharedObject):
         if head is None:
             return self._empty_locked(), -1, None, 0
         slot, start, length, error = self._head_locked(head)
-        ctl[HEAD] = head + 1
         if error is not None:
             return _CORRUPT, slot, error, 0
+        ctl[HEAD] = head + 1
         self._hold_locked(slot, READING, owner)
         return _DONE, slot, start, length
 
@@ -508,37 +508,24 @@ class SlotQueue(SharedObject):
         """``(slot, start, length, error)`` of the message at ring position ``head``.
 
         ``error`` says what is corrupt, if anything: the ring entry, the slot's state,
-        or where the message lies in it. A corrupt message is taken off the queue by the
-        caller; its slot, if it names one, is freed.
+        or where the message lies in the slot. A corrupt message is then already taken
+        off the queue and counted as dropped: the head is past it, its slot (if valid)
+        is free, and after a corrupt ring entry the ring is repaired
+        (:meth:`_repair_locked`), which queues again the slot the entry lost.
         """
-        cap = self.capacity
+        ctl, cap = self._ctl, self.capacity
         slot = self._ring[head % cap]
-        if not 0 <= slot < cap:
-            self._ctl[DROPPED] += 1
-            return (
-                -1,
-                0,
-                0,
-                CorruptMessage(
-                    f"ring entry {head % cap} names slot {slot}, not one of 0..{cap - 1}"
-                ),
-            )
-        slots = self._slots
-        base = slot * SLOT_FIELDS
-        if slots[base + SLOT_STATE] != READY:
-            self._ctl[DROPPED] += 1
-            return (
-                -1,
-                0,
-                0,
-                CorruptMessage(
-                    f"ring entry {head % cap} names slot {slot}, which holds no published message"
-                ),
-            )
-        start, length = slots[base + SLOT_START], slots[base + SLOT_LENGTH]
-        if not 0 <= start <= length <= self._stride:
+        if not 0 <= slot < cap or self._slots[slot * SLOT_FIELDS + SLOT_STATE] != READY:
+            what = "is not a slot" if not 0 <= slot < cap else "holds no published message"
+            error = CorruptMessage(f"ring entry {head % cap} names slot {slot}, which {what}")
+        else:
+            base = slot * SLOT_FIELDS
+            start, length = self._slots[base + SLOT_START], self._slots[base + SLOT_LENGTH]
+            if 0 <= start <= length <= self._stride:
+                return slot, start, length, None
+            ctl[HEAD] = head + 1
+            ctl[DROPPED] += 1
             self._free_locked(slot)
-            self._ctl[DROPPED] += 1
             return (
                 -1,
                 0,
@@ -548,7 +535,10 @@ class SlotQueue(SharedObject):
                     f"slot's {self._stride} bytes"
                 ),
             )
-        return slot, start, length, None
+        ctl[HEAD] = head + 1
+        ctl[DROPPED] += 1
+        self._repair_locked()
+        return -1, 0, 0, error
 
     def _hold_locked(self, slot: int, state: int, owner: int) -> None:
         base = slot * SLOT_FIELDS
