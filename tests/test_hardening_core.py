@@ -413,6 +413,21 @@ def test_a_bytes_length_that_disagrees_with_the_slot_is_not_truncated() -> None:
         assert rx.recv_nowait() == b"next"
 
 
+def test_a_place_outside_the_slot_is_refused() -> None:
+    tx, rx = aioshm.open_channel(2, 64)
+    with tx, rx:
+        tx.send_nowait(b"abc")
+        tx.send_nowait(b"next")
+        queue = tx._queue
+        slot = _slot_of_head(queue)
+        stride = queue.segment.layout.stride
+        queue.segment.slots[slot * _layout.SLOT_FIELDS + _layout.SLOT_LENGTH] = stride + 64
+        with pytest.raises(aioshm.MessageDropped, match="outside the slot"):
+            rx.recv_nowait()
+        assert rx.recv_nowait() == b"next"
+        assert rx.statistics().free_slots == 2
+
+
 def test_a_corrupt_ring_entry_is_dropped_once() -> None:
     tx, rx = aioshm.open_channel(4, 64)
     with tx, rx:
