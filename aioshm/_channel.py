@@ -452,7 +452,18 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         exit, so writes raise ``ValueError``, but reads see whatever the slot holds
         later.
 
-        :raises ValueError: at once, if the array would exceed ``max_message_size``
+        Views derived from ``buf`` (``buf[:]``, ``buf.reshape(...)``, ``memoryview(buf)``,
+        ``np.asarray(buf)``) are not made read-only: numpy cannot revoke them, and a
+        write through one after the block changes the published message, or a later one
+        that reuses the slot. Use them only inside the block, and keep nothing derived
+        from ``buf`` past it; keep a ``copy()`` instead.
+
+        :raises ValueError: at once, if the array would exceed ``max_message_size``, or
+            a dimension is negative
+        :raises TypeError: at once, if a dimension is not an integer or the dtype holds
+            Python objects
+
+        Nothing is claimed before the shape and dtype are checked.
 
         On entering the block, raises as :meth:`send` does; on a normal exit,
         ``ClosedResourceError`` if this handle was closed meanwhile (nothing is sent).
@@ -597,6 +608,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         Cancellation: only the wait is a cancellation point; if cancelled, nothing was
         received: the message stays for the next receiver. A call that does not have to
         wait is not always a checkpoint: it yields to the event loop once in 16 calls.
+
+        A message that cannot be decoded (an unpickling error, a class this process
+        cannot import) or that is corrupt is taken off the channel for good, whatever its
+        size: this call raises :class:`aioshm.MessageDropped` with the error as its
+        ``__cause__``, the messages behind it flow on, and ``statistics()`` counts it in
+        ``dropped_messages``.
         """
         self._ticks += 1
         if self._ticks >= YIELD_EVERY:
@@ -631,6 +648,10 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         are small, waiting only while none is buffered.
 
         :raises ValueError: ``max_items`` is less than 1
+        :raises aioshm.MessageDropped: some messages of the batch could not be decoded
+            and were dropped (see :meth:`receive`); the others were received all the
+            same and are in its ``received`` list, in order: ``except MessageDropped as
+            exc: items = exc.received``
 
         Otherwise raises as :meth:`receive`: ``EndOfStream`` only when nothing at all is
         left to receive.
@@ -659,8 +680,13 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         block exits, however it exits. A bytes message comes as a 1-d ``uint8`` array.
 
         The array is valid only inside the block: afterwards the slot may hold another
-        message. Copy what you keep (``arr.copy()``). The message counts as received
-        once the block is entered: if the block raises, it is not put back.
+        message. Copy what you keep (``arr.copy()``): views derived from ``arr``
+        (``arr[1:]``, ``arr.T``, ``memoryview(arr)``) point into the slot as well, and
+        outlive the block unchecked. The message counts as received once the block is
+        entered: if the block raises, it is not put back.
+
+        :raises aioshm.MessageDropped: the message was corrupt; it is dropped (see
+            :meth:`receive`)
 
         :raises TypeError: the next message is a pickled object; it stays at the head of
             the channel for :meth:`receive`
