@@ -96,6 +96,9 @@ _PTHREAD_MUTEX_ROBUST = 1
 _PTHREAD_MUTEX_ERRORCHECK = 2
 _CLOCK_MONOTONIC = 1
 _SPINS = 20
+_YIELDS = 20
+_FIRST_SLEEP = 20e-6
+_LONGEST_SLEEP = 1e-3
 
 
 class _Timespec(ctypes.Structure):
@@ -235,13 +238,13 @@ class RobustMutex:
         ptr = self.ptr
         if result == errno.EBUSY:
             # Critical sections last a microsecond or two: spin a little before
-            # sleeping in the kernel, as an adaptive mutex would.
+            # sleeping, as an adaptive mutex would.
             for _ in range(_SPINS):
                 result = _mutex_trylock(ptr)
                 if result != errno.EBUSY:
                     break
             else:
-                result = _mutex_lock(ptr)
+                result = _sleep_then_lock(ptr)
         if result == 0:
             return False
         if result == errno.EOWNERDEAD:
@@ -267,6 +270,30 @@ class RobustMutex:
     def release(self) -> None:
         """Unlock; refused (and harmless) if this thread does not hold it."""
         _mutex_unlock(self.ptr)
+
+
+def _sleep_then_lock(ptr: Any) -> int:
+    """Wait for a held mutex, and take it only while holding the GIL.
+
+    ``pthread_mutex_lock`` would wait with the GIL released and return holding the
+    mutex, and then wait for the GIL: while another thread of this process runs Python,
+    up to the switch interval (5 ms), holding up every process that needs the mutex.
+    Here the thread sleeps (GIL released, mutex not held) and tries again with the GIL
+    held: first after yielding the CPU (a few times), then after sleeps backing off from
+    20 us to 1 ms.
+    """
+    for _ in range(_YIELDS):
+        os.sched_yield()
+        result: int = _mutex_trylock(ptr)
+        if result != errno.EBUSY:
+            return result
+    delay = _FIRST_SLEEP
+    while True:
+        time.sleep(delay)
+        result = _mutex_trylock(ptr)
+        if result != errno.EBUSY:
+            return result
+        delay = min(delay * 2, _LONGEST_SLEEP)
 
 
 class SharedSemaphore:

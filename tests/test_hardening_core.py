@@ -12,7 +12,9 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -26,7 +28,7 @@ from aioshm import _layout, _posix
 from aioshm._shared import RECV, SEND
 from aioshm._slotqueue import LOCKED_COPY_LIMIT, SlotQueue
 
-from .helpers import join_all, mutex_held
+from .helpers import join_all, mutex_held, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -576,3 +578,52 @@ def test_abi_sizes_match_the_running_c_library(tmp_path: Any) -> None:
     mutex, sem = map(int, out.split())
     assert _posix.abi_sizes(_posix._c_library(), os.uname().machine) == (mutex, sem)
     assert ctypes.sizeof(ctypes.c_void_p) == 8
+
+
+# ---------------------------------------------------------------- 15: GIL and mutex
+
+
+def _hold_then_retake(queue: SlotQueue, flags: Any) -> None:
+    """Hold the mutex until told to let go; then time taking it again."""
+    queue._mutex.acquire()
+    flags[0] = 1.0  # holding
+    while flags[1] == 0.0:  # until the parent says so
+        pass
+    queue._mutex.release()
+    time.sleep(0.1)  # time for a waiter woken in C to take it (as it would, GIL or not)
+    start = time.perf_counter()
+    queue._mutex.acquire()
+    flags[2] = time.perf_counter() - start
+    queue._mutex.release()
+    flags[3] = 1.0  # done
+
+
+def test_a_waiter_never_holds_the_mutex_while_it_waits_for_the_gil() -> None:
+    """A thread of this process waits for the mutex while another process holds it;
+    then this process's main thread keeps the GIL (a 10 s switch interval). The holder
+    lets go and takes the mutex again at once: the waiting thread, which cannot run
+    Python, must not have taken it in between (pthread_mutex_lock, called with the GIL
+    released, would have, and would keep it until it got the GIL back)."""
+    queue = SlotQueue.create(1, 64)
+    queue.register((1, 1))
+    flags = multiprocessing.get_context("fork").RawArray("d", 4)
+    child = multiprocessing.get_context("fork").Process(
+        target=_hold_then_retake, args=(queue, flags)
+    )
+    child.start()
+    wait_until(lambda: flags[0] == 1.0, what="the child holds the mutex")
+    waiter = threading.Thread(target=queue.ready, args=(RECV,))
+    waiter.start()
+    time.sleep(0.2)  # not a synchronisation: the waiter is waiting either way
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        flags[1] = 1.0
+        deadline = time.perf_counter() + 5.0
+        while flags[3] == 0.0 and time.perf_counter() < deadline:
+            pass  # keep the GIL: no call here releases it
+    finally:
+        sys.setswitchinterval(previous)
+    waiter.join(30)
+    join_all([child], timeout=30)
+    assert flags[3] == 1.0 and flags[2] < 2.0, f"the child waited {flags[2]:.3f} s"
