@@ -338,7 +338,7 @@ def _encode_pickle(obj: object, limit: int) -> Message:
 
 
 class _ArrayInfo:
-    __slots__ = ("dtype", "nbytes", "offset", "order", "shape")
+    __slots__ = ("dtype", "length", "nbytes", "offset", "order", "shape")
 
     def __init__(
         self,
@@ -352,6 +352,7 @@ class _ArrayInfo:
         self.order = order
         self.offset = offset
         self.nbytes = dtype.itemsize * math.prod(shape)
+        self.length = offset + self.nbytes
 
 
 _info_cache: dict[bytes, _ArrayInfo] = {}
@@ -380,7 +381,7 @@ def _array_info(message: memoryview | bytearray) -> _ArrayInfo:
         if len(_info_cache) >= _CACHE_LIMIT:
             _info_cache.clear()
         _info_cache[key] = info
-    if info.offset + info.nbytes != len(message):
+    if info.length != len(message):
         raise _corrupt(
             f"an array of {info.nbytes} bytes after a {info.offset}-byte header does not "
             f"fill a message of {len(message)} bytes"
@@ -452,7 +453,10 @@ def decode(message: memoryview | bytearray, owned: bool) -> Any:
         is read past the message, and nothing is silently cut short)
     :raises Exception: whatever unpickling raises
     """
-    kind = message[0] if len(message) else 0
+    try:
+        kind = message[0]
+    except IndexError:
+        raise _corrupt("an empty message") from None
     if kind == ARRAY:
         array = _array_view(message, _array_info(message))
         return array if owned else array.copy(order="K")

@@ -83,6 +83,8 @@ class Message(Protocol):
 
 
 _DONE, _FULL, _BROKEN, _EMPTY, _ENDED, _CLAIMED, _CLOSED, _CORRUPT = range(8)
+#: A put's outcome ``_CLAIMED_SLOT + slot``: a large message's slot, claimed.
+_CLAIMED_SLOT: Final = 16
 
 
 class CorruptMessage(ValueError):
@@ -147,6 +149,8 @@ class SlotQueue(SharedObject):
         self._slots = segment.slots
         self._payload = segment.payload
         self._stride = segment.layout.stride
+        #: Messages up to this length are copied with the mutex held.
+        self._small = min(self._stride, LOCKED_COPY_LIMIT)
 
     @classmethod
     def create(cls, capacity: int, max_message_size: int) -> SlotQueue:
@@ -176,11 +180,12 @@ class SlotQueue(SharedObject):
         changed then. A large message is copied with the mutex free, and the send
         handles are counted again when it is published.
         """
-        outcome, slot = self.locked(self._put_locked, owner, message)
+        outcome = self.locked(self._put_locked, owner, message)
         if outcome == _DONE:
             return
-        if outcome != _CLAIMED:
+        if outcome < _CLAIMED_SLOT:
             self._raise_for(outcome)
+        slot = outcome - _CLAIMED_SLOT
         try:
             message.write(self._payload[slot])
         except BaseException:
@@ -188,24 +193,25 @@ class SlotQueue(SharedObject):
             raise
         self.publish(slot, message.start, message.length)
 
-    def _put_locked(self, owner: int, message: Message) -> tuple[int, int]:
+    def _put_locked(self, owner: int, message: Message) -> int:
+        """An outcome, or ``_CLAIMED_SLOT + slot`` for a large message's claimed slot."""
         ctl = self._ctl
         if ctl[OPEN + RECV] <= 0:
-            return _BROKEN, -1
+            return _BROKEN
         if ctl[OPEN + SEND] <= 0 or ctl[ENDED]:
-            return _CLOSED, -1
+            return _CLOSED
         n = ctl[NFREE] - 1
         if n < 0:
-            return _FULL, -1
-        slot = self._free[n]
+            return _FULL
+        slot: int = self._free[n]
         if message.length <= LOCKED_COPY_LIMIT:
             message.write(self._payload[slot])
             ctl[NFREE] = n
             self._publish_locked(slot, message.start, message.length)
-            return _DONE, slot
+            return _DONE
         ctl[NFREE] = n
         self._hold_locked(slot, WRITING, owner)
-        return _CLAIMED, slot
+        return _CLAIMED_SLOT + slot
 
     def try_put_many(self, owner: int, messages: Sequence[Message]) -> int:
         """Publish a prefix of ``messages`` in one locked round; return how many.
@@ -306,13 +312,14 @@ class SlotQueue(SharedObject):
         exception (``KeyboardInterrupt``, a cancellation) while a large message is read
         puts it back at the head of the queue.
         """
-        outcome, slot, data, length = self.locked(self._get_locked, owner)
-        if outcome == _DONE:
+        got = self.locked(self._get_locked, owner)
+        if type(got) is bytearray:  # a small message, copied out
             try:
-                return read(memoryview(data), True)
+                return read(memoryview(got), True)
             except Exception as exc:
                 self.locked(self._count_dropped_locked, 1)
                 raise MessageDropped.of(exc) from exc
+        outcome, slot, data, length = got
         if outcome != _CLAIMED:
             self._raise_for(outcome, data)
         start = data
@@ -326,20 +333,31 @@ class SlotQueue(SharedObject):
         self.release(slot)
         return value
 
-    def _get_locked(self, owner: int) -> tuple[int, int, Any, int]:
-        """``(outcome, slot, start or copy or error, length)``."""
-        ctl = self._ctl
-        head = self._oldest_locked()
-        if head is None:
+    def _get_locked(self, owner: int) -> bytearray | tuple[int, int, Any, int]:
+        """A copy of a small message; else ``(outcome, slot, start or error, length)``."""
+        ctl, cap, slots = self._ctl, self.capacity, self._slots
+        head = ctl[HEAD]
+        slot = self._ring[head % cap]
+        if 0 < ctl[TAIL] - head <= cap and 0 <= slot < cap:
+            # The common case, checked inline: a small, well-formed message.
+            base = slot * SLOT_FIELDS
+            start, length = slots[base + SLOT_START], slots[base + SLOT_LENGTH]
+            if slots[base + SLOT_STATE] == READY and 0 <= start <= length <= self._small:
+                ctl[HEAD] = head + 1
+                copy = bytearray(self._payload[slot][start:length])
+                self._free_locked(slot)
+                return copy
+        oldest = self._oldest_locked()
+        if oldest is None:
             return self._empty_locked(), -1, None, 0
-        slot, start, length, error = self._head_locked(head)
+        slot, start, length, error = self._head_locked(oldest)
         if error is not None:
             return _CORRUPT, slot, error, 0
-        ctl[HEAD] = head + 1
+        ctl[HEAD] = oldest + 1
         if length <= LOCKED_COPY_LIMIT:
             copy = bytearray(self._payload[slot][start:length])
             self._free_locked(slot)
-            return _DONE, slot, copy, 0
+            return copy
         self._hold_locked(slot, READING, owner)
         return _CLAIMED, slot, start, length
 
