@@ -109,14 +109,16 @@ class SharedObject:
         releases it if this thread holds it (a release by a non-owner is refused).
         """
         ptr = self._mptr
+        acquired = False
         try:
             result = _trylock(ptr)
             if result:
                 self._lock_contended(result)
+            acquired = True
             value = body(*args)
-        except Reentered:
-            raise  # the mutex belongs to this thread's outer critical section
-        except BaseException:
+        except BaseException as exc:
+            if not acquired and type(exc) is Reentered:
+                raise  # the mutex belongs to this thread's outer critical section
             try:
                 if self._mutex.seize():
                     self._repair_locked()

@@ -208,6 +208,16 @@ def test_an_interrupted_body_repairs_and_releases() -> None:
     assert queue.counters().free == 2
 
 
+def test_a_nested_critical_section_fails_and_the_outer_one_releases() -> None:
+    queue = SlotQueue.create(2, 64)
+    with pytest.raises(_posix.Reentered):
+        queue.locked(queue.ready, RECV)  # a finalizer's call inside a critical section
+    assert not mutex_held(queue)
+    with pytest.raises(_posix.Reentered), queue.critical():
+        queue.ready(RECV)
+    assert not mutex_held(queue)
+
+
 # ---------------------------------------------------------------- 7: loan checks
 
 
@@ -627,3 +637,52 @@ def test_a_waiter_never_holds_the_mutex_while_it_waits_for_the_gil() -> None:
     waiter.join(30)
     join_all([child], timeout=30)
     assert flags[3] == 1.0 and flags[2] < 2.0, f"the child waited {flags[2]:.3f} s"
+
+
+def test_trio_keyboard_interrupts_never_leave_the_mutex_held() -> None:
+    """trio delivers Ctrl-C as a KeyboardInterrupt raised at once in code it does not
+    protect (aioshm's), or at its next checkpoint: either way the mutex is free after."""
+    trio = pytest.importorskip("trio")
+    tx, rx = aioshm.open_channel(8, 256)
+    item = np.arange(10.0)
+    rng = random.Random(5)
+
+    threads: list[threading.Thread] = []
+
+    def interrupt(jitter: float) -> None:
+        time.sleep(jitter)  # a jitter (the GIL is free meanwhile), not a synchronisation
+        os.kill(os.getpid(), signal.SIGINT)
+
+    async def main(jitter: float) -> None:
+        await tx.send(item)
+        await rx.recv()
+        threads.append(threading.Thread(target=interrupt, args=(jitter,)))
+        threads[-1].start()
+        while True:  # no checkpoint: trio raises the KeyboardInterrupt in aioshm's code
+            tx.send_nowait(item)
+            rx.recv_nowait()
+
+    interrupted = 0
+    for _ in range(60):
+        try:
+            trio.run(main, rng.uniform(0, 0.002))
+        except KeyboardInterrupt:
+            interrupted += 1
+        threads.pop().join()
+        assert not mutex_held(tx._queue)
+        while True:
+            try:
+                rx.recv_nowait()
+            except anyio.WouldBlock:
+                break
+    assert interrupted == 60
+    child = multiprocessing.get_context("fork").Process(target=_send_one, args=(tx,))
+    child.start()
+    while True:
+        got = rx.recv_blocking(timeout=30)
+        if isinstance(got, str):
+            break
+    assert got == "from the child"
+    join_all([child], timeout=30)
+    tx.close()
+    rx.close()
