@@ -374,7 +374,10 @@ def _fixed(message: memoryview | bytearray) -> tuple[int, int, int, int, int, in
 
 
 def _array_info(message: memoryview | bytearray) -> _ArrayInfo:
-    key = bytes(message[: message[2] | message[3] << 8])
+    try:
+        key = bytes(message[: message[2] | message[3] << 8])
+    except IndexError:
+        raise _corrupt(f"the message has {len(message)} bytes, fewer than a header's") from None
     info = _info_cache.get(key)
     if info is None:
         info = _parse_array_header(message, key)
@@ -475,7 +478,11 @@ def view(message: memoryview) -> Array:
     """A read-only array onto a message's data in its slot: no copy. Arrays and bytes."""
     kind = message[0] if len(message) else 0
     if kind == ARRAY:
-        out = _array_view(message, _array_info(message))
+        info = _array_info(message)
+        try:
+            out = _array_view(message, info)
+        except (TypeError, ValueError) as exc:  # e.g. a shape too big for numpy
+            raise _corrupt(f"numpy refuses it ({exc})") from exc
     elif kind == BYTES:
         offset, length = _bytes_span(message)
         out = np.frombuffer(message, np.uint8, length, offset)

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import aioshm
-from aioshm import _layout, _posix
+from aioshm import _codec, _layout, _posix
 from aioshm._shared import RECV, SEND
 from aioshm._slotqueue import LOCKED_COPY_LIMIT, SlotQueue
 
@@ -438,6 +438,28 @@ def test_a_place_outside_the_slot_is_refused() -> None:
             rx.recv_nowait()
         assert rx.recv_nowait() == b"next"
         assert rx.statistics().free_slots == 2
+
+
+def test_recv_view_drops_a_truncated_array_header() -> None:
+    async def main() -> None:
+        tx, rx = aioshm.open_channel(2, 64)
+        with tx, rx:
+            tx.send_nowait(np.arange(3.0))
+            tx.send_nowait(np.arange(2.0))
+            queue = tx._queue
+            slot = _slot_of_head(queue)
+            base = slot * _layout.SLOT_FIELDS
+            slots = queue.segment.slots
+            start = slots[base + _layout.SLOT_LENGTH] - 2
+            slots[base + _layout.SLOT_START] = start
+            queue.slot_memory(slot)[start] = _codec.ARRAY  # two bytes: "an array"
+            with pytest.raises(aioshm.MessageDropped):
+                async with rx.recv_view():
+                    pass
+            async with rx.recv_view() as arr:
+                assert arr.tolist() == [0.0, 1.0]
+
+    anyio.run(main)
 
 
 def test_a_corrupt_ring_entry_is_dropped_once() -> None:
