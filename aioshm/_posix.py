@@ -10,7 +10,9 @@ every process that maps it, whatever the start method:
   nothing appears in ``/dev/shm`` and nothing is left for ``resource_tracker`` to clean.
 
 They are reached through :mod:`ctypes`. Calls that cannot block keep the GIL (``PyDLL``,
-cheaper); calls that may block release it (``CDLL``).
+cheaper); calls that may block release it (``CDLL``). The mutex is never taken by a
+blocking call: a thread that took it with the GIL released would then wait for the GIL
+while holding it (see :func:`_sleep_then_lock`).
 """
 
 from __future__ import annotations
@@ -148,7 +150,6 @@ if supported():
     _sem_init = _bind(_libc, "sem_init", _vp, ctypes.c_int, ctypes.c_uint)
     _libc_nogil = ctypes.CDLL(None)
     _mutex_trylock = _symbol(_libc_gil, "pthread_mutex_trylock")
-    _mutex_lock = _symbol(_libc_nogil, "pthread_mutex_lock")
     _mutex_timedlock = _symbol(_libc_gil, "pthread_mutex_timedlock")
     _mutex_unlock = _symbol(_libc_gil, "pthread_mutex_unlock")
     _mutex_consistent = _symbol(_libc_gil, "pthread_mutex_consistent")
