@@ -71,6 +71,52 @@ def test_an_undecodable_message_is_dropped_and_the_rest_flow(size: int) -> None:
         assert stats.free_slots == 4 and stats.slots_in_use == 0
 
 
+def _receive_and_report(rx: aioshm.ReceiveChannel[Any], report: aioshm.SendChannel[Any]) -> None:
+    with rx, report:
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(("ok", rx.recv_blocking(timeout=30)))
+            except aioshm.MessageDropped as exc:
+                outcomes.append(("dropped", type(exc.__cause__).__name__))
+        outcomes.append(("dropped_messages", rx.statistics().dropped_messages))
+        report.send_blocking(outcomes, timeout=30)
+
+
+@pytest.mark.parametrize("size", [100, LOCKED_COPY_LIMIT + 1000], ids=["small", "large"])
+def test_a_class_the_receiver_cannot_import_is_dropped_there(size: int) -> None:
+    """The sender pickles an instance of a class from a module only it has; a spawned
+    receiver cannot unpickle it, is told so once, and receives what follows."""
+    import types
+
+    module = types.ModuleType("aioshm_test_only_in_the_parent")
+    exec("class Local:\n    def __init__(self, data):\n        self.data = data\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        tx, rx = aioshm.open_channel(4, 2 * LOCKED_COPY_LIMIT)
+        report_tx, report_rx = aioshm.open_channel(1)
+        child = multiprocessing.get_context("spawn").Process(
+            target=_receive_and_report, args=(rx, report_tx)
+        )
+        child.start()
+        rx.close()
+        report_tx.close()
+        with tx, report_rx:
+            tx.send_blocking("before", timeout=30)
+            tx.send_blocking(module.Local(b"x" * size), timeout=30)
+            tx.send_blocking("after", timeout=30)
+            outcomes = report_rx.recv_blocking(timeout=60)
+        join_all([child], timeout=60)
+    finally:
+        del sys.modules[module.__name__]
+    assert outcomes == [
+        ("ok", "before"),
+        ("dropped", "ModuleNotFoundError"),
+        ("ok", "after"),
+        ("dropped_messages", 1),
+    ]
+
+
 def test_recv_many_keeps_the_good_messages_of_a_batch() -> None:
     async def main() -> None:
         tx, rx = aioshm.open_channel(8)
