@@ -27,20 +27,23 @@ def measure(tx: aioshm.SendChannel[Any], seconds: float, out: Any) -> None:
     """Take and release the mutex in a loop; time the acquisitions that found it held
     (B's own preemption, which the machine's load causes, hits every probe alike, so
     only contended waits are counted)."""
-    mutex = tx._queue._mutex
-    ptr = mutex.ptr
+    mutex = tx._queue.segment.mutex
+    ptr = getattr(mutex, "ptr", None) or mutex._ptr  # (also runs on aioshm 0.1)
+    trylock = getattr(_posix, "trylock", None) or _posix._mutex_trylock
+    unlock = getattr(_posix, "unlock", None) or _posix._mutex_unlock
+    contended = getattr(mutex, "acquire_contended", None) or (lambda _: mutex.acquire())
     waits: list[float] = []
     probes = 0
     deadline = time.monotonic() + seconds
     clock = time.perf_counter
     while time.monotonic() < deadline:
         probes += 1
-        result = _posix.trylock(ptr)
+        result = trylock(ptr)
         if result:
             t0 = clock()
-            mutex.acquire_contended(result)
+            contended(result)
             waits.append(clock() - t0)
-        _posix.unlock(ptr)
+        unlock(ptr)
         for _ in range(20):  # pace the probes a little
             pass
     waits.sort()
@@ -80,9 +83,7 @@ def run(scenario: str, seconds: float) -> dict[str, float]:
     if scenario == "loop+spin":
         threads.append(threading.Thread(target=spinner))
     parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("spawn").Process(
-        target=measure, args=(tx, seconds, child)
-    )
+    proc = multiprocessing.get_context("spawn").Process(target=measure, args=(tx, seconds, child))
     proc.start()
     for thread in threads:
         thread.start()
