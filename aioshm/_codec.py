@@ -415,7 +415,8 @@ def _parse_array_header(message: memoryview | bytearray, key: bytes) -> _ArrayIn
 
 
 def _array_view(message: memoryview | bytearray, info: _ArrayInfo) -> Array:
-    return np.ndarray(info.shape, info.dtype, buffer=message, offset=info.offset, order=info.order)
+    # Positional arguments: numpy parses keywords to ndarray() at twice the cost.
+    return np.ndarray(info.shape, info.dtype, message, info.offset, None, info.order)
 
 
 def _bytes_span(message: memoryview | bytearray) -> tuple[int, int]:
