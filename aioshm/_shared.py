@@ -66,6 +66,8 @@ SLICE: Final = 0.1
 SWEEP_INTERVAL: Final = 0.1
 
 R = TypeVar("R")
+#: "No argument" for :meth:`SharedObject.locked` (``None`` is an argument).
+_NO_ARG: Final[Any] = object()
 
 _K_FREE = 0
 _K_ACTIVE = 1
@@ -95,8 +97,13 @@ class SharedObject:
 
     # ------------------------------------------------------------------ the mutex
 
-    def locked(self, body: Callable[..., R], *args: Any) -> R:
-        """``body(*args)`` with the mutex held: the one critical section of aioshm.
+    def locked(
+        self, body: Callable[..., R], a: Any = _NO_ARG, b: Any = _NO_ARG, c: Any = _NO_ARG
+    ) -> R:
+        """``body(a, b, c)`` with the mutex held: the one critical section of aioshm.
+
+        Up to three arguments, passed on as given (no ``*args``: packing them costs more
+        than the rest of the call).
 
         If ``body`` raises, the state is repaired (:meth:`_repair_locked`) before the
         mutex is released, so nothing is left half-done. This holds for asynchronous
@@ -115,7 +122,14 @@ class SharedObject:
             if result:
                 self._lock_contended(result)
             acquired = True
-            value = body(*args)
+            if a is _NO_ARG:
+                value = body()
+            elif b is _NO_ARG:
+                value = body(a)
+            elif c is _NO_ARG:
+                value = body(a, b)
+            else:
+                value = body(a, b, c)
         except BaseException as exc:
             if not acquired and type(exc) is Reentered:
                 raise  # the mutex belongs to this thread's outer critical section
@@ -197,7 +211,8 @@ class SharedObject:
 
     def register(self, opened: tuple[int, int] = (0, 0)) -> int:
         """Add an entry for this process holding ``opened`` handles per side."""
-        return self.locked(self._register_locked, opened, *_procs.my_identity())
+        pid, started = _procs.my_identity()
+        return self.locked(self._register_locked, opened, pid, started)
 
     def _register_locked(self, opened: tuple[int, int], pid: int, started: int) -> int:
         entry = self._new_entry_locked(_K_ACTIVE, opened)
@@ -356,11 +371,12 @@ class SharedObject:
             if popen is not None and not child:
                 continue  # still being started
             started = _procs.start_time(child) if child else 0
-            self.locked(self._resolve_locked, entry, nonce, child, started)
+            self.locked(self._resolve_locked, (entry, nonce), child, started)
             with self._local:
                 self._pending.pop(entry, None)
 
-    def _resolve_locked(self, entry: int, nonce: int, child: int, started: int) -> None:
+    def _resolve_locked(self, reservation: tuple[int, int], child: int, started: int) -> None:
+        entry, nonce = reservation
         procs = self._procs
         base = entry * PROC_FIELDS
         if procs[base + P_KIND] == _K_RESERVED and procs[base + P_NONCE] == nonce:
