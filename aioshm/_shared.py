@@ -10,11 +10,17 @@
 * **The process table**: which processes hold handles, how many of each side, and the
   reservations a parent makes for a child it is starting.
 * **Liveness sweeps**: a process found dead (pid gone, zombie, or pid reused) has its
-  handles closed and whatever it held given back (:meth:`_reclaim_locked`).
+  handles closed and whatever it held given back (:meth:`_reclaim_locked`). A process
+  whose liveness cannot be told (no ``/proc``, ``hidepid``, a sandbox) counts as alive
+  (:func:`aioshm._procs.probe`). Sweeps are shared: at most one per
+  :data:`SWEEP_INTERVAL` for the whole object, by whichever process finds one due, so
+  their total cost grows with the number of processes, not with its square.
 * **Doorbells**: two semaphores, one per side, on which threads sleep when they cannot
   proceed. Capacity is never counted by these semaphores, only by fields under the mutex,
   so a process that dies at any instant cannot take a permit with it. A sleeper registers
-  under the mutex, together with its readiness check, so no wake-up can be missed.
+  under the mutex, together with its readiness check, so no wake-up can be missed. See
+  :meth:`SharedObject.wait` for the bookkeeping, and for who watches for deaths while
+  everyone sleeps.
 
 Everything here is synchronous and needs no event loop.
 """
@@ -28,7 +34,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from anyio import WouldBlock
 
@@ -42,13 +48,18 @@ from ._layout import (
     P_PID,
     P_RES_PID,
     P_RES_START,
+    P_SLEEP,
     P_START,
     PROC_FIELDS,
     SLEEPERS,
+    SWEEPS,
+    SWEPT_AT,
+    TIMED_OUT,
+    WATCH_UNTIL,
     Segment,
 )
 
-__all__ = ["INFINITE", "RANG", "RECV", "SEND", "SLICE", "SharedObject"]
+__all__ = ["INFINITE", "RANG", "RECV", "SEND", "SLICE", "SharedObject", "WaitCounters"]
 
 #: The two sides. A bell is named by the side it wakes.
 SEND: Final = 0
@@ -57,14 +68,33 @@ RECV: Final = 1
 INFINITE: Final = 1 << 40
 #: What :meth:`SharedObject.wait` returns when a bell woke it.
 RANG: Final = -1
-#: Longest single sleep on a bell; also the period of liveness sweeps by sleepers.
-SLICE: Final = 0.1
-#: Shortest interval between two liveness sweeps by one process.
-SWEEP_INTERVAL: Final = 0.1
+#: Longest single sleep on a bell, but for the sleeper on watch (see
+#: :meth:`SharedObject.wait`): if the watcher itself dies, another sleeper takes over
+#: within this long. Dead-peer detection takes at most ``SLICE`` plus one sweep.
+SLICE: Final = 0.5
+#: Shortest interval between two liveness sweeps of one object (by any process), and
+#: the sleep of the sleeper on watch.
+SWEEP_INTERVAL: Final = 0.25
+#: How late the sleeper on watch may be before another sleeper takes over.
+_WATCH_GRACE: Final = 0.1
+_SWEEP_NS: Final = int(SWEEP_INTERVAL * 1e9)
+_WATCH_NS: Final = int((SWEEP_INTERVAL + _WATCH_GRACE) * 1e9)
 
 _K_FREE = 0
 _K_ACTIVE = 1
 _K_RESERVED = 2
+
+
+class WaitCounters(NamedTuple):
+    """The shared wait and liveness bookkeeping of one object (all processes)."""
+
+    sleepers: tuple[int, int]
+    """Per side: threads registered on the bell and not yet returned, counted as
+    registrations plus posts not yet taken (dead processes' registrations removed)."""
+    sweeps: int
+    """Liveness sweeps done."""
+    timed_out: int
+    """Sleeps on a bell that ended by timeout rather than by a post."""
 
 
 class SharedObject:
@@ -83,7 +113,7 @@ class SharedObject:
     def _reset_local(self) -> None:
         """Process-local bookkeeping (reset in a forked child)."""
         self._pending: dict[int, tuple[int, weakref.ref[Any]]] = {}
-        self._next_sweep = 0.0
+        self._sleep_entry = -1  # where this process records its sleepers (a guess)
         self._local = threading.Lock()
         self._deferred: list[Callable[[], object]] = []
 
@@ -227,6 +257,8 @@ class SharedObject:
         self._ctl[OPEN] -= procs[base + P_OPEN]
         self._ctl[OPEN + 1] -= procs[base + P_OPEN + 1]
         procs[base + P_OPEN] = procs[base + P_OPEN + 1] = 0
+        # A live process's sleepers recorded here stay registered, unrecorded.
+        procs[base + P_SLEEP] = procs[base + P_SLEEP + 1] = 0
         procs[base + P_KIND] = _K_FREE
 
     def open_handles(self, side: int) -> int:
@@ -236,14 +268,19 @@ class SharedObject:
     # ------------------------------------------------------------ liveness
 
     def sweep(self, force: bool = False) -> bool:
-        """Find processes that died and give back what they held. Rate-limited.
+        """Find processes that died and give back what they held.
 
-        Returns ``True`` if anything was reclaimed.
+        Rate-limited for the whole object: unless ``force``, nothing is done if any
+        process began a sweep less than :data:`SWEEP_INTERVAL` ago. A process whose
+        liveness is unknown counts as alive. Returns ``True`` if anything was reclaimed.
         """
-        now = time.monotonic()
-        if not force and now < self._next_sweep:
-            return False
-        self._next_sweep = now + SWEEP_INTERVAL
+        now = time.monotonic_ns()
+        ctl = self._ctl
+        with self.critical():
+            if not force and now < ctl[SWEPT_AT] + _SWEEP_NS:
+                return False
+            ctl[SWEPT_AT] = now
+            ctl[SWEEPS] += 1
         self._resolve_pending()
         procs = self._procs
         me = _procs.my_identity()[0]
@@ -268,11 +305,27 @@ class SharedObject:
                     pid,
                     nonce,
                 ):
+                    self._forget_sleepers_locked(entry)
                     self._reclaim_locked(entry)
                     self._free_entry_locked(entry)
             self._ring_all_locked(SEND)
             self._ring_all_locked(RECV)
         return True
+
+    def _forget_sleepers_locked(self, entry: int) -> None:
+        """Take a dead process's registrations off the bells: its registrations first,
+        then posts made for them that nobody took (posts already made stay for the live
+        sleepers, who are fungible: every sleeper of a side waits for the same thing)."""
+        ctl, procs = self._ctl, self._procs
+        base = entry * PROC_FIELDS
+        for side in (SEND, RECV):
+            count = procs[base + P_SLEEP + side]
+            procs[base + P_SLEEP + side] = 0
+            taken = min(count, max(ctl[SLEEPERS + side], 0))
+            ctl[SLEEPERS + side] -= taken
+            for _ in range(count - taken):
+                if not self._bells[side].try_wait():
+                    break
 
     def _sweep_after_owner_died(self) -> None:
         # The dead holder released the mutex while exiting, and /proc may lag a little
@@ -289,7 +342,7 @@ class SharedObject:
 
     def maybe_sweep(self) -> bool:
         """A sweep if one is due (cheap when it is not); whether it gave anything back."""
-        return time.monotonic() >= self._next_sweep and self.sweep()
+        return time.monotonic_ns() >= self._ctl[SWEPT_AT] + _SWEEP_NS and self.sweep()
 
     def _resolve_pending(self) -> None:
         """Write the pids of children this process started into their reservations."""
@@ -353,7 +406,7 @@ class SharedObject:
         with self.critical():
             return self._ready_locked(side)
 
-    def wait(self, side: int, timeout: float, reserved: int = 0) -> int:
+    def wait(self, side: int, timeout: float | None, reserved: int = 0) -> int:
         """Sleep until ``side`` may proceed, a bell rings, or ``timeout`` passes.
 
         Returns how many waiters of ``side`` may proceed beyond ``reserved`` (already
@@ -361,34 +414,115 @@ class SharedObject:
         checks again; a caller that cannot use a bell should :meth:`forward` it. It
         sleeps unless enough is ready to be worth waking for
         (:meth:`_worth_waking_locked`); after a timeout it counts whatever is ready.
+
+        **The bookkeeping.** ``SLEEPERS + side`` is a count, not a list: a sleeper adds
+        one under the mutex; a waker that finds it positive takes one off and posts the
+        bell once. So at every instant, the sleepers that registered and have not
+        returned number exactly ``SLEEPERS + side`` plus the bell's value (posts not
+        yet taken). Sleepers of one side are interchangeable, so it does not matter
+        which one takes a post: a sleeper that times out takes a registration off the
+        count if one is left, and otherwise the post that was made for it (or for
+        another: either way, one sleeper leaves and one token goes). No post is lost
+        and none is left over. Each process also records how many of its threads sleep
+        (``P_SLEEP`` in its process-table entry), so that the sweep that finds it dead
+        takes its registrations off again (:meth:`_forget_sleepers_locked`); without
+        that, a dead sleeper's registration would cost a spurious wake-up on every
+        later ring, for ever.
+
+        **Who watches.** While everyone sleeps, someone must wake to sweep for dead
+        peers. The first sleeper that finds nobody on watch (``WATCH_UNTIL`` passed)
+        takes the watch: it sleeps :data:`SWEEP_INTERVAL` and sweeps on waking. Every
+        other sleeper sleeps up to :data:`SLICE`, so if the watcher dies or stays busy,
+        another takes over within a slice. The idle cost of ``N`` sleeping processes is
+        ``N`` wake-ups per slice and one sweep (of ``N`` entries) per interval.
         """
         ctl = self._ctl
+        now = time.monotonic_ns()
+        watch = 0
+        entry = -1
         self._lock()
         try:
             ready = self._worth_waking_locked(side) - reserved
             if ready <= 0:
-                ctl[SLEEPERS + side] += 1
+                ctl[SLEEPERS + side] += 1  # first the count, then the record (see above)
+                entry = self._record_sleeper_locked(side)
+                if ctl[WATCH_UNTIL] < now:
+                    watch = ctl[WATCH_UNTIL] = max(now + _WATCH_NS, ctl[WATCH_UNTIL] + 1)
         except BaseException:
             self._abort()
             raise
         self._unlock()
         if ready > 0:
             return ready
+        limit = SWEEP_INTERVAL if watch else SLICE
         bell = self._bells[side]
-        if bell.wait(timeout):
-            return RANG
+        rang = bell.wait(limit if timeout is None else min(limit, timeout))
         self._lock()
         try:
-            if ctl[SLEEPERS + side] > 0:
-                ctl[SLEEPERS + side] -= 1
-            else:  # a waker took our registration: its post is ours to consume
-                bell.try_wait()
-            ready = self._ready_locked(side) - reserved
+            if not rang:
+                ctl[TIMED_OUT] += 1
+                if ctl[SLEEPERS + side] > 0:
+                    ctl[SLEEPERS + side] -= 1
+                else:  # a waker took our registration: its post is ours to consume
+                    bell.try_wait()
+                ready = max(self._ready_locked(side) - reserved, 0)
+            self._unrecord_sleeper_locked(side, entry)
+            if watch and ctl[WATCH_UNTIL] == watch:
+                ctl[WATCH_UNTIL] = 0  # off watch: the next sleeper takes it at once
         except BaseException:
             self._abort()
             raise
         self._unlock()
-        return max(ready, 0)
+        if rang:
+            return RANG
+        self.maybe_sweep()
+        return ready
+
+    def _record_sleeper_locked(self, side: int) -> int:
+        """Count a sleeper of this process in its entry; the entry, or -1 if it has none
+        (its registration then cannot be taken back if it dies asleep)."""
+        procs = self._procs
+        pid, started = _procs.my_identity()
+        entry = self._sleep_entry
+        base = entry * PROC_FIELDS
+        if entry < 0 or procs[base + P_KIND] != _K_ACTIVE or procs[base + P_PID] != pid:
+            entry = -1
+            for candidate in range(MAX_PROCS):
+                base = candidate * PROC_FIELDS
+                if (
+                    procs[base + P_PID] == pid
+                    and procs[base + P_KIND] == _K_ACTIVE
+                    and procs[base + P_START] == started
+                ):
+                    entry = candidate
+                    break
+            self._sleep_entry = entry
+            if entry < 0:
+                return -1
+        procs[base + P_SLEEP + side] += 1
+        return entry
+
+    def _unrecord_sleeper_locked(self, side: int, entry: int) -> None:
+        if entry < 0:
+            return
+        procs = self._procs
+        base = entry * PROC_FIELDS
+        if procs[base + P_PID] == _procs.my_identity()[0] and procs[base + P_SLEEP + side] > 0:
+            procs[base + P_SLEEP + side] -= 1
+
+    def wait_counters(self) -> WaitCounters:
+        """A snapshot of the shared wait and liveness bookkeeping (for tests and
+        diagnostics)."""
+        with self.critical():
+            ctl = self._ctl
+            return WaitCounters(
+                sleepers=(
+                    ctl[SLEEPERS + SEND] + self._bells[SEND].value(),
+                    ctl[SLEEPERS + RECV] + self._bells[RECV].value(),
+                ),
+                sweeps=ctl[SWEEPS],
+                timed_out=ctl[TIMED_OUT],
+            )
 
     def forward(self, side: int) -> None:
         """Pass on a wake-up this process cannot use to another sleeper, if any."""
@@ -412,13 +546,12 @@ class SharedObject:
             except WouldBlock:
                 pass
             if deadline is None:
-                self.wait(side, SLICE)
+                self.wait(side, None)
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"timed out after {timeout} s") from None
-                self.wait(side, min(SLICE, remaining))
-            self.maybe_sweep()
+                self.wait(side, remaining)
 
 
 _live_objects: weakref.WeakSet[SharedObject] = weakref.WeakSet()
