@@ -114,6 +114,7 @@ class SharedObject:
         """Process-local bookkeeping (reset in a forked child)."""
         self._pending: dict[int, tuple[int, weakref.ref[Any]]] = {}
         self._sleep_entry = -1  # where this process records its sleepers (a guess)
+        self._free_when_awake: set[int] = set()  # entries closed while a thread slept
         self._local = threading.Lock()
         self._deferred: list[Callable[[], object]] = []
 
@@ -247,7 +248,12 @@ class SharedObject:
                 and procs[base + P_OPEN + 1] == 0
                 and not self._holds_locked(entry)
             ):
-                self._free_entry_locked(entry)
+                if procs[base + P_SLEEP] or procs[base + P_SLEEP + 1]:
+                    # A thread of ours still sleeps, recorded here: the entry goes when
+                    # it returns, or with this process if it dies first.
+                    self._free_when_awake.add(entry)
+                else:
+                    self._free_entry_locked(entry)
             if self._ctl[OPEN + side] <= 0:
                 self._ring_all_locked(1 - side)
 
@@ -257,7 +263,6 @@ class SharedObject:
         self._ctl[OPEN] -= procs[base + P_OPEN]
         self._ctl[OPEN + 1] -= procs[base + P_OPEN + 1]
         procs[base + P_OPEN] = procs[base + P_OPEN + 1] = 0
-        # A live process's sleepers recorded here stay registered, unrecorded.
         procs[base + P_SLEEP] = procs[base + P_SLEEP + 1] = 0
         procs[base + P_KIND] = _K_FREE
 
@@ -507,8 +512,15 @@ class SharedObject:
             return
         procs = self._procs
         base = entry * PROC_FIELDS
-        if procs[base + P_PID] == _procs.my_identity()[0] and procs[base + P_SLEEP + side] > 0:
-            procs[base + P_SLEEP + side] -= 1
+        if procs[base + P_PID] != _procs.my_identity()[0] or procs[base + P_SLEEP + side] <= 0:
+            return
+        procs[base + P_SLEEP + side] -= 1
+        if entry in self._free_when_awake and not (
+            procs[base + P_SLEEP] or procs[base + P_SLEEP + 1]
+        ):
+            self._free_when_awake.discard(entry)
+            if not (procs[base + P_OPEN] or procs[base + P_OPEN + 1] or self._holds_locked(entry)):
+                self._free_entry_locked(entry)
 
     def wait_counters(self) -> WaitCounters:
         """A snapshot of the shared wait and liveness bookkeeping (for tests and
