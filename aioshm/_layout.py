@@ -60,7 +60,6 @@ REDELIVERED = 15  # messages put back because their receiver died reading them
 UID = 16
 # 17..21: the state of a lock, semaphore, event or condition (aioshm._sync).
 SWEPT_AT = 22  # monotonic ns when the last liveness sweep began (one sweep per interval)
-WATCH_UNTIL = 23  # monotonic ns by which the sleeper on watch promises to sweep; 0: none
 SWEEPS = 24  # liveness sweeps done, by every process
 TIMED_OUT = 25  # sleeps on a bell that ended by timeout, in every process
 _CTL_FIELDS = 32

@@ -19,8 +19,8 @@
   proceed. Capacity is never counted by these semaphores, only by fields under the mutex,
   so a process that dies at any instant cannot take a permit with it. A sleeper registers
   under the mutex, together with its readiness check, so no wake-up can be missed. See
-  :meth:`SharedObject.wait` for the bookkeeping, and for who watches for deaths while
-  everyone sleeps.
+  :meth:`SharedObject.wait` for the bookkeeping, and for how sleepers take turns to
+  watch for deaths while everyone sleeps.
 
 Everything here is synchronous and needs no event loop.
 """
@@ -55,7 +55,6 @@ from ._layout import (
     SWEEPS,
     SWEPT_AT,
     TIMED_OUT,
-    WATCH_UNTIL,
     Segment,
 )
 
@@ -68,17 +67,19 @@ RECV: Final = 1
 INFINITE: Final = 1 << 40
 #: What :meth:`SharedObject.wait` returns when a bell woke it.
 RANG: Final = -1
-#: Longest single sleep on a bell, but for the sleeper on watch (see
-#: :meth:`SharedObject.wait`): if the watcher itself dies, another sleeper takes over
-#: within this long. Dead-peer detection takes at most ``SLICE`` plus one sweep.
-SLICE: Final = 0.5
-#: Shortest interval between two liveness sweeps of one object (by any process), and
-#: the sleep of the sleeper on watch.
-SWEEP_INTERVAL: Final = 0.25
-#: How late the sleeper on watch may be before another sleeper takes over.
-_WATCH_GRACE: Final = 0.1
+#: Shortest interval between two liveness sweeps of one object (by any process); also
+#: the shortest sleep on a bell before a sleeper wakes to see whether one is due.
+SWEEP_INTERVAL: Final = 0.4
+#: The sleepers of one object wake in turn, about one every ``SPACING`` seconds (see
+#: :meth:`SharedObject.wait`); so a dead peer is noticed within ``SWEEP_INTERVAL +
+#: SPACING``, plus ``SPACING`` for each sleeper next in turn that died with it.
+SPACING: Final = 0.05
+#: Longest single sleep on a bell.
+LONGEST_SLEEP: Final = 30.0
+#: Longest single sleep of a thread of ours that waits with no timeout (kept as a name
+#: for callers that bound their own waits by it).
+SLICE: Final = SWEEP_INTERVAL
 _SWEEP_NS: Final = int(SWEEP_INTERVAL * 1e9)
-_WATCH_NS: Final = int((SWEEP_INTERVAL + _WATCH_GRACE) * 1e9)
 
 _K_FREE = 0
 _K_ACTIVE = 1
@@ -434,32 +435,33 @@ class SharedObject:
         that, a dead sleeper's registration would cost a spurious wake-up on every
         later ring, for ever.
 
-        **Who watches.** While everyone sleeps, someone must wake to sweep for dead
-        peers. The first sleeper that finds nobody on watch (``WATCH_UNTIL`` passed)
-        takes the watch: it sleeps :data:`SWEEP_INTERVAL` and sweeps on waking. Every
-        other sleeper sleeps up to :data:`SLICE`, so if the watcher dies or stays busy,
-        another takes over within a slice. The idle cost of ``N`` sleeping processes is
-        ``N`` wake-ups per slice and one sweep (of ``N`` entries) per interval.
+        **Who watches.** While everyone sleeps, someone must wake now and then to sweep
+        for dead peers, but not everyone, or idle waiting costs ``N`` wake-ups per
+        period, each ``N`` processes long. The sleepers take turns: one that registers
+        while ``k`` others are registered (on either side) sleeps ``(k + 1) *``
+        :data:`SPACING` (at least :data:`SWEEP_INTERVAL`, at most
+        :data:`LONGEST_SLEEP`), so about one sleeper wakes per ``SPACING``, whatever
+        their number, and whoever finds a sweep due does it (one per
+        ``SWEEP_INTERVAL`` for the object). A sleeper that dies leaves a gap of one
+        ``SPACING`` in the turns until the sweep that finds it.
         """
         ctl = self._ctl
-        now = time.monotonic_ns()
-        watch = 0
         entry = -1
+        turn = 1
         self._lock()
         try:
             ready = self._worth_waking_locked(side) - reserved
             if ready <= 0:
+                turn = ctl[SLEEPERS + SEND] + ctl[SLEEPERS + RECV] + 1
                 ctl[SLEEPERS + side] += 1  # first the count, then the record (see above)
                 entry = self._record_sleeper_locked(side)
-                if ctl[WATCH_UNTIL] < now:
-                    watch = ctl[WATCH_UNTIL] = max(now + _WATCH_NS, ctl[WATCH_UNTIL] + 1)
         except BaseException:
             self._abort()
             raise
         self._unlock()
         if ready > 0:
             return ready
-        limit = SWEEP_INTERVAL if watch else SLICE
+        limit = min(max(SWEEP_INTERVAL, turn * SPACING), LONGEST_SLEEP)
         bell = self._bells[side]
         rang = bell.wait(limit if timeout is None else min(limit, timeout))
         self._lock()
@@ -472,8 +474,6 @@ class SharedObject:
                     bell.try_wait()
                 ready = max(self._ready_locked(side) - reserved, 0)
             self._unrecord_sleeper_locked(side, entry)
-            if watch and ctl[WATCH_UNTIL] == watch:
-                ctl[WATCH_UNTIL] = 0  # off watch: the next sleeper takes it at once
         except BaseException:
             self._abort()
             raise
