@@ -26,6 +26,7 @@ from ._sync import (
     SemaphoreStatistics,
 )
 from ._values import Array, RawArray, RawValue, SynchronizedArray, SynchronizedValue, Value
+from ._wait import HubFailed
 
 __all__ = [
     "Array",
@@ -36,6 +37,7 @@ __all__ = [
     "Event",
     "EventStatistics",
     "FloatChannel",
+    "HubFailed",
     "Lock",
     "LockStatistics",
     "RLock",

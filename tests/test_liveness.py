@@ -24,7 +24,6 @@ import pytest
 import aioshm
 from aioshm import _procs
 from aioshm._shared import RECV, SLICE, SPACING, SWEEP_INTERVAL
-from aioshm._wait import HubFailed
 
 from . import workers
 from .helpers import wait_until
@@ -193,7 +192,7 @@ async def test_failing_hub_thread_fails_its_waiters_and_restarts(
     async def waiter() -> None:
         try:
             await rx.recv()
-        except HubFailed as exc:
+        except aioshm.HubFailed as exc:
             failures.append(exc)
 
     monkeypatch.setattr(queue, "wait", broken_wait)
