@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -336,6 +337,7 @@ def test_dead_peer_noticed_within_a_second_by_idle_waiters(survivors: int) -> No
         timeout=60,
         what=f"{count} sleeping receivers",
     )
+    time.sleep(2.0)  # idle past start-up, into the steady turns (not a synchronisation)
     victims = procs[survivors:]
     killed_at = time.monotonic()
     for proc in [sender, *victims]:
@@ -382,6 +384,36 @@ def test_half_of_64_sleepers_killed_registrations_taken_back_no_lost_wakeup() ->
         assert proc.exitcode == 0
     assert _queue(tx).wait_counters().sleepers == (0, 0)
     report_rx.close()
+    tx.close()
+
+
+def close_while_asleep(rx: aioshm.ReceiveChannel[Any]) -> None:
+    """Close the receive handle while this process's hub thread sleeps on the bell, then
+    exit at once (the daemon thread dies asleep, still registered)."""
+
+    async def main() -> None:
+        async def waiter() -> None:
+            with contextlib.suppress(anyio.ClosedResourceError):
+                await rx.recv()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            while _sleepers(rx) < 1:
+                await anyio.sleep(0.001)
+            rx.close()
+
+    anyio.run(main)
+
+
+def test_process_that_exits_with_a_thread_asleep_leaves_no_registration() -> None:
+    tx, rx = aioshm.open_channel[int](capacity=2, max_message_size=8)
+    child = FORK.Process(target=close_while_asleep, args=(rx,))
+    child.start()
+    rx.close()
+    child.join(30)
+    assert child.exitcode == 0
+    _queue(tx).sweep(force=True)
+    assert _queue(tx).wait_counters().sleepers == (0, 0)
     tx.close()
 
 
