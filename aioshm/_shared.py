@@ -115,6 +115,7 @@ class SharedObject:
         """Process-local bookkeeping (reset in a forked child)."""
         self._pending: dict[int, tuple[int, weakref.ref[Any]]] = {}
         self._sleep_entry = -1  # where this process records its sleepers (a guess)
+        self._sleep_pid = 0  # ... and this process's pid, then
         self._free_when_awake: set[int] = set()  # entries closed while a thread slept
         self._local = threading.Lock()
         self._deferred: list[Callable[[], object]] = []
@@ -487,10 +488,10 @@ class SharedObject:
         """Count a sleeper of this process in its entry; the entry, or -1 if it has none
         (its registration then cannot be taken back if it dies asleep)."""
         procs = self._procs
-        pid, started = _procs.my_identity()
-        entry = self._sleep_entry
+        entry, pid = self._sleep_entry, self._sleep_pid
         base = entry * PROC_FIELDS
         if entry < 0 or procs[base + P_KIND] != _K_ACTIVE or procs[base + P_PID] != pid:
+            pid, started = _procs.my_identity()
             entry = -1
             for candidate in range(MAX_PROCS):
                 base = candidate * PROC_FIELDS
@@ -501,7 +502,7 @@ class SharedObject:
                 ):
                     entry = candidate
                     break
-            self._sleep_entry = entry
+            self._sleep_entry, self._sleep_pid = entry, pid
             if entry < 0:
                 return -1
         procs[base + P_SLEEP + side] += 1
@@ -512,7 +513,7 @@ class SharedObject:
             return
         procs = self._procs
         base = entry * PROC_FIELDS
-        if procs[base + P_PID] != _procs.my_identity()[0] or procs[base + P_SLEEP + side] <= 0:
+        if procs[base + P_PID] != self._sleep_pid or procs[base + P_SLEEP + side] <= 0:
             return
         procs[base + P_SLEEP + side] -= 1
         if entry in self._free_when_awake and not (
