@@ -112,6 +112,8 @@ class Hub:
         ``tag`` identifies the caller for :meth:`wake_tagged` (a handle being closed).
         Cancellation: only the waits are cancellation points, and a cancelled wait
         leaves nothing behind. ``attempt`` must be non-blocking and do all or nothing.
+        Raises :class:`HubFailed` (having done nothing) if the hub's thread failed
+        while the task waited in it.
         """
         started = time.monotonic()
         if self._typical_wait < SPIN_WHILE_WAITS_UNDER and _procs.others_runnable() < CPUS:
