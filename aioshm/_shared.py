@@ -447,26 +447,17 @@ class SharedObject:
         ``SPACING`` in the turns until the sweep that finds it.
         """
         ctl = self._ctl
-        entry = -1
-        turn = 1
-        self._lock()
-        try:
+        with self.critical():
             ready = self._worth_waking_locked(side) - reserved
-            if ready <= 0:
-                turn = ctl[SLEEPERS + SEND] + ctl[SLEEPERS + RECV] + 1
-                ctl[SLEEPERS + side] += 1  # first the count, then the record (see above)
-                entry = self._record_sleeper_locked(side)
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
-        if ready > 0:
-            return ready
+            if ready > 0:
+                return ready
+            turn = ctl[SLEEPERS + SEND] + ctl[SLEEPERS + RECV] + 1
+            ctl[SLEEPERS + side] += 1  # first the count, then the record (see above)
+            entry = self._record_sleeper_locked(side)
         limit = min(max(SWEEP_INTERVAL, turn * SPACING), LONGEST_SLEEP)
         bell = self._bells[side]
         rang = bell.wait(limit if timeout is None else min(limit, timeout))
-        self._lock()
-        try:
+        with self.critical():
             if not rang:
                 ctl[TIMED_OUT] += 1
                 if ctl[SLEEPERS + side] > 0:
@@ -475,10 +466,6 @@ class SharedObject:
                     bell.try_wait()
                 ready = max(self._ready_locked(side) - reserved, 0)
             self._unrecord_sleeper_locked(side, entry)
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
         if rang:
             return RANG
         self.maybe_sweep()
