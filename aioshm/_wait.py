@@ -27,6 +27,7 @@ next wait starts a new thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -247,6 +248,8 @@ class Hub:
             for waiter in failed:
                 waiter.error = exc
                 waiter.notify()
+        with contextlib.suppress(Exception):  # a wake-up it may have taken goes on
+            self._obj.forward(self._side)
 
     def _serve(self) -> None:
         obj, side = self._obj, self._side
@@ -267,7 +270,7 @@ class Hub:
             if forward:  # a wake-up nobody here can use any more
                 obj.forward(side)
                 continue
-            # Sleeps up to a slice; a sleep that times out also sweeps for dead peers.
+            # Sleeps until rung or its turn to wake; a sleep that times out also sweeps.
             ready = obj.wait(side, None, reserved)
             if ready > 0:
                 self._wake(ready)
