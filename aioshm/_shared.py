@@ -28,6 +28,7 @@ Everything here is synchronous and needs no event loop.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import threading
 import time
@@ -69,11 +70,12 @@ INFINITE: Final = 1 << 40
 RANG: Final = -1
 #: Shortest interval between two liveness sweeps of one object (by any process); also
 #: the shortest sleep on a bell before a sleeper wakes to see whether one is due.
-SWEEP_INTERVAL: Final = 0.4
+SWEEP_INTERVAL: Final = 0.3
 #: The sleepers of one object wake in turn, about one every ``SPACING`` seconds (see
-#: :meth:`SharedObject.wait`); so a dead peer is noticed within ``SWEEP_INTERVAL +
-#: SPACING``, plus ``SPACING`` for each sleeper next in turn that died with it.
-SPACING: Final = 0.05
+#: :meth:`SharedObject.wait`); so a dead peer is noticed within about
+#: ``SWEEP_INTERVAL + SPACING``, plus about ``SPACING`` for each sleeper next in turn
+#: that died with it.
+SPACING: Final = 0.07
 #: Longest single sleep on a bell.
 LONGEST_SLEEP: Final = 30.0
 #: Longest single sleep of a thread of ours that waits with no timeout (kept as a name
@@ -439,12 +441,13 @@ class SharedObject:
         **Who watches.** While everyone sleeps, someone must wake now and then to sweep
         for dead peers, but not everyone, or idle waiting costs ``N`` wake-ups per
         period, each ``N`` processes long. The sleepers take turns: one that registers
-        while ``k`` others are registered (on either side) sleeps ``(k + 1) *``
+        while ``k`` others are registered (on either side) sleeps about ``(k + 1) *``
         :data:`SPACING` (at least :data:`SWEEP_INTERVAL`, at most
-        :data:`LONGEST_SLEEP`), so about one sleeper wakes per ``SPACING``, whatever
-        their number, and whoever finds a sweep due does it (one per
-        ``SWEEP_INTERVAL`` for the object). A sleeper that dies leaves a gap of one
-        ``SPACING`` in the turns until the sweep that finds it.
+        :data:`LONGEST_SLEEP`, jittered by ±50% so that processes started together
+        drift apart), so about one sleeper wakes per ``SPACING``, whatever their number,
+        and whoever finds a sweep due does it (one per ``SWEEP_INTERVAL`` for the
+        object). A sleeper that dies leaves a gap in the turns until the sweep that
+        finds it.
         """
         ctl = self._ctl
         with self.critical():
@@ -454,7 +457,9 @@ class SharedObject:
             turn = ctl[SLEEPERS + SEND] + ctl[SLEEPERS + RECV] + 1
             ctl[SLEEPERS + side] += 1  # first the count, then the record (see above)
             entry = self._record_sleeper_locked(side)
-        limit = min(max(SWEEP_INTERVAL, turn * SPACING), LONGEST_SLEEP)
+        # Jittered (±50%), so that sleepers started together, perhaps to die together,
+        # do not keep waking together: the turns spread over the whole cycle.
+        limit = min(max(SWEEP_INTERVAL, turn * SPACING) * (0.5 + random.random()), LONGEST_SLEEP)
         bell = self._bells[side]
         rang = bell.wait(limit if timeout is None else min(limit, timeout))
         with self.critical():
