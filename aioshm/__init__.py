@@ -27,6 +27,7 @@ from ._sync import (
     SemaphoreStatistics,
 )
 from ._values import Array, RawArray, RawValue, SynchronizedArray, SynchronizedValue, Value
+from ._wait import HubFailed
 
 __all__ = [
     "Array",
@@ -38,6 +39,7 @@ __all__ = [
     "Event",
     "EventStatistics",
     "FloatChannel",
+    "HubFailed",
     "Lock",
     "LockStatistics",
     "MessageDropped",
