@@ -20,6 +20,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from . import _arena
 from ._layout import Segment
 from ._posix import supported
 from ._sync import Lock, RLock, _check_spawning
@@ -63,7 +64,7 @@ def _ctype(typecode_or_type: str | type[Any]) -> Any:
 def _segment(nbytes: int) -> Segment:
     if not supported():
         raise OSError("aioshm needs Linux (robust process-shared mutexes)")
-    return Segment.create(1, nbytes)
+    return _arena.allocate(1, nbytes)
 
 
 def _storage_and_lock(nbytes: int, lock: object) -> tuple[Segment, Lock | RLock]:
