@@ -1,0 +1,230 @@
+"""Running out of shared memory is an OSError at creation, never a SIGBUS later.
+
+Each case runs in a fresh interpreter, so that a limit (or a crash) stays there: the
+child prints "ok" and exits 0 when every check held; a SIGBUS shows as exit code -7.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aioshm._layout import reserve_shared_memory
+
+# Helpers every child script starts with.
+PRELUDE = textwrap.dedent(
+    """
+    import errno, os, resource, sys
+
+    def fds():
+        return sorted(os.listdir("/proc/self/fd"))
+
+    def maps(word):
+        with open("/proc/self/maps") as f:
+            return [line for line in f if word in line]
+
+    def refused(make, code):
+        before = fds(), maps("aioshm")
+        try:
+            make()
+        except OSError as exc:
+            assert exc.errno == code, exc
+            assert "cannot reserve" in str(exc), exc
+        else:
+            raise AssertionError("no OSError")
+        assert (fds(), maps("aioshm")) == before, "something was left behind"
+    """
+)
+
+
+def _run(script: str, *args: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"exit code {done.returncode}\n{done.stderr[-3000:]}"
+    assert done.stdout.split()[-1:] == ["ok"], done.stdout
+
+
+def test_file_size_limit_refuses_channels_and_large_arrays() -> None:
+    _run(
+        """
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+        import aioshm
+        refused(lambda: aioshm.open_channel(capacity=16, max_message_size=1 << 20), errno.EFBIG)
+        refused(lambda: aioshm.Array("d", 1 << 18), errno.EFBIG)  # 2 MiB: an arena of its own
+        value = aioshm.Value("q", 5)  # a small arena still fits
+        tx, rx = aioshm.open_channel(capacity=2, max_message_size=1024)
+        tx.send_nowait(b"x" * 1024)
+        assert rx.receive_nowait() == b"x" * 1024 and value.value == 5
+        print("ok")
+        """
+    )
+
+
+def test_address_space_limit_leaves_no_descriptor_behind() -> None:
+    # The memory is there (it is not address space), but mapping it fails.
+    _run(
+        """
+        import aioshm
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+        room = (vm << 10) + (64 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (room, resource.RLIM_INFINITY))
+        refused_mmap = lambda: aioshm.open_channel(capacity=4, max_message_size=64 << 20)
+        before = fds()
+        try:
+            refused_mmap()
+        except OSError as exc:
+            assert exc.errno == errno.ENOMEM, exc
+        else:
+            raise AssertionError("no OSError")
+        assert fds() == before, "the memfd was left open"
+        assert not maps("memfd:aioshm")
+        print("ok")
+        """
+    )
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 8 MiB, as a full /dev/shm would be (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# memfd_create made to return an unlinked file of the small tmpfs, so that aioshm's own
+# code path meets a real full filesystem.
+IN_TMPFS = """
+mnt = sys.argv[1]
+made = []
+
+def memfd_in_tmpfs(name, flags=0):
+    path = os.path.join(mnt, f"{name}-{len(made)}")
+    made.append(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.unlink(path)
+    return fd
+
+os.memfd_create = memfd_in_tmpfs
+
+def used():
+    st = os.statvfs(mnt)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+import aioshm
+"""
+
+
+def test_a_full_tmpfs_is_an_oserror(small_tmpfs: Path) -> None:
+    _run(
+        IN_TMPFS
+        + textwrap.dedent(
+            """
+            # Too large for the filesystem: refused, and nothing is left in it either.
+            refused(
+                lambda: aioshm.open_channel(capacity=16, max_message_size=1 << 20), errno.ENOSPC
+            )
+            assert used() == 0, used()
+            # A primitive needs an arena, and there is no room for one.
+            filler = os.open(os.path.join(mnt, "filler"), os.O_WRONLY | os.O_CREAT)
+            os.posix_fallocate(filler, 0, 8 << 20)
+            refused(aioshm.Lock, errno.ENOSPC)
+            refused(aioshm.Event, errno.ENOSPC)
+            os.ftruncate(filler, 0)
+            lock = aioshm.Lock()  # room again
+            lock.acquire_nowait()
+            print("ok")
+            """
+        ),
+        str(small_tmpfs),
+    )
+
+
+def test_memory_reserved_at_creation_cannot_be_taken_away(small_tmpfs: Path) -> None:
+    # Without the reservation, the pages of the slots would be found only when first
+    # touched, after the filler took them: SIGBUS (exit code -7) in the sender.
+    _run(
+        IN_TMPFS
+        + textwrap.dedent(
+            """
+            tx, rx = aioshm.open_channel(capacity=4, max_message_size=1 << 20)
+            value = aioshm.Value("q", 0)
+            filler = os.open(os.path.join(mnt, "filler"), os.O_WRONLY | os.O_CREAT)
+            try:
+                while True:
+                    os.write(filler, b"f" * 65536)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+            assert used() >= (8 << 20) - 65536
+            for round in range(3):  # every byte of every slot is written and read
+                for i in range(4):
+                    tx.send_nowait(bytes([i]) * (1 << 20))
+                for i in range(4):
+                    assert rx.receive_nowait() == bytes([i]) * (1 << 20)
+            events = [aioshm.Event() for _ in range(20)]  # the rest of the arena's blocks
+            for event in events:
+                event.set()
+            value.value = 1
+            print("ok")
+            """
+        ),
+        str(small_tmpfs),
+    )
+
+
+def test_the_helper_reserves_a_given_file(small_tmpfs: Path) -> None:
+    path = small_tmpfs / "named"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError, match="cannot reserve 16777216 bytes") as caught:
+            reserve_shared_memory(16 << 20, fd)
+        assert caught.value.errno == errno.ENOSPC
+        os.fstat(fd)  # a given descriptor stays the caller's, open
+        assert reserve_shared_memory(4 << 20, fd) == fd
+        st = os.statvfs(small_tmpfs)
+        assert (st.f_blocks - st.f_bfree) * st.f_frsize >= 4 << 20  # reserved, not sparse
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def test_the_helper_checks_its_size() -> None:
+    with pytest.raises(ValueError, match="positive size"):
+        reserve_shared_memory(0)
+
+
+def test_memfd_memory_is_not_taken_from_dev_shm() -> None:
+    # What the docs say about Docker's 64 MB /dev/shm: a memfd is not in that mount.
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    before = os.statvfs("/dev/shm")
+    fd = reserve_shared_memory(64 << 20)
+    try:
+        after = os.statvfs("/dev/shm")
+        assert before.f_bfree - after.f_bfree < (8 << 20) // after.f_frsize
+        with open("/proc/meminfo") as f:
+            shmem = next(int(line.split()[1]) for line in f if line.startswith("Shmem:"))
+        assert shmem >= 64 << 10  # kB: counted as shared memory (and in the cgroup's shmem)
+    finally:
+        os.close(fd)
