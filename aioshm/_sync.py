@@ -801,7 +801,8 @@ class Lock(_LockBase):
     Cancellation: a cancelled :meth:`acquire` did not acquire and left nothing behind;
     the other methods never wait.
 
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
 
@@ -855,7 +856,8 @@ class Semaphore:
 
     :raises ValueError: ``value`` is negative
     :raises TypeError: ``value`` is not an int
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     _bounded = False
@@ -998,7 +1000,8 @@ class Event:
     Cancellation: a cancelled :meth:`wait` leaves nothing behind; the other methods
     never wait.
 
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     def __init__(self) -> None:
@@ -1114,7 +1117,8 @@ class Condition:
     Cancellation: see :meth:`wait`; :meth:`notify` and :meth:`notify_all` never wait.
 
     :raises TypeError: ``lock`` is not an aioshm ``Lock`` or ``RLock``
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     def __init__(self, lock: Lock | RLock | None = None) -> None:
