@@ -203,3 +203,20 @@ def test_pickling_outside_process_start_is_refused() -> None:
         pickle.dumps(aioshm.Value("q", 1))
     with pytest.raises(RuntimeError, match=r"argument of multiprocessing\.Process"):
         pickle.dumps(_arena._allocator.arena)
+
+
+def _fill(array: Any) -> None:
+    array.numpy()[:] = 3.0
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_large_array_gets_an_arena_of_its_own(method: str) -> None:
+    small = aioshm.Value("q")
+    large = aioshm.Array("d", 300_000)  # 2.4 MB: more than an arena block may be
+    assert _where(large)[0] != _where(small)[0]
+    assert large._segment._owner.size < 2 * 300_000 * 8
+    child = multiprocessing.get_context(method).Process(target=_fill, args=(large,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert float(large.numpy().sum()) == 900_000.0

@@ -90,6 +90,14 @@ def test_address_space_limit_leaves_no_descriptor_behind() -> None:
             raise AssertionError("no OSError")
         assert fds() == before, "the memfd was left open"
         assert not maps("memfd:aioshm")
+        try:
+            aioshm.Array("b", 128 << 20)  # an arena of its own, too large to map
+        except OSError as exc:
+            assert exc.errno == errno.ENOMEM, exc
+        else:
+            raise AssertionError("no OSError")
+        assert fds() == before, "the arena's memfd was left open"
+        assert not maps("memfd:aioshm")
         print("ok")
         """
     )
