@@ -14,7 +14,9 @@ process only ever takes fresh blocks, from the top of an arena it created itself
 forked child forgets its parent's arena and starts one of its own). An arena is unmapped
 and its descriptor closed in a process once no object of that process uses it (and it
 is not the one this process allocates from), and its memory goes back to the system once
-no process maps it. The price: a live object keeps its whole arena's memory reserved.
+no process maps it. Reuse would not be safe even within one process without a child:
+a numpy view or a ctypes object taken from a value can outlive the value. The price: a
+live object keeps its whole arena's memory reserved.
 
 **Children.** An object handed to a child as it starts (spawn, forkserver) pickles as
 its arena plus an offset. The arena pickles once per start, however many of its objects

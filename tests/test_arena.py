@@ -220,3 +220,25 @@ def test_a_large_array_gets_an_arena_of_its_own(method: str) -> None:
     child.join(30)
     assert child.exitcode == 0
     assert float(large.numpy().sum()) == 900_000.0
+
+
+def test_a_view_outliving_its_array_keeps_its_memory() -> None:
+    # Why blocks are not reused even within one process: a numpy view (or a ctypes
+    # object from get_obj()) can outlive the object it came from.
+    view = aioshm.Array("d", 64).numpy()
+    gc.collect()
+    fresh = [aioshm.Array("d", 64) for _ in range(300)]
+    for array in fresh:
+        array.numpy()[:] = 1.0
+    assert not view.any()
+    view[:] = 2.0
+    assert all(float(array.numpy().sum()) == 64.0 for array in fresh)
+
+
+def test_an_arena_received_twice_is_mapped_once() -> None:
+    value = aioshm.Value("q")
+    arena = value._segment._owner
+    fds = _fds()
+    again = _arena._attach_arena(os.dup(arena.fd), arena.uid)
+    assert again is arena
+    assert _fds() == fds  # the duplicate descriptor was closed
