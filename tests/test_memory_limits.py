@@ -236,3 +236,29 @@ def test_memfd_memory_is_not_taken_from_dev_shm() -> None:
         assert shmem >= 64 << 10  # kB: counted as shared memory (and in the cgroup's shmem)
     finally:
         os.close(fd)
+
+
+def test_a_creation_failing_after_the_mapping_unmaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fault injection: the mutex cannot be constructed once the memory is mapped.
+    import aioshm
+    from aioshm import _layout
+
+    def refuse(addr: int) -> None:
+        raise OSError(errno.EINVAL, "pthread_mutex_init: injected")
+
+    def maps() -> list[str]:
+        with open("/proc/self/maps") as f:
+            return [
+                line
+                for line in f
+                if "memfd:aioshm " in line or line.endswith("memfd:aioshm (deleted)\n")
+            ]
+
+    before = sorted(os.listdir("/proc/self/fd")), maps()
+    monkeypatch.setattr(_layout.RobustMutex, "initialize", staticmethod(refuse))
+    try:
+        aioshm.open_channel(capacity=2, max_message_size=1 << 20)
+    except OSError as exc:
+        caught = exc  # kept, as a caller that logs it would: its traceback too
+    assert "injected" in str(caught)
+    assert (sorted(os.listdir("/proc/self/fd")), maps()) == before
