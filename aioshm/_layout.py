@@ -232,14 +232,24 @@ class Segment:
             self._finalizer()
 
     @classmethod
-    def create(cls, capacity: int, max_message_size: int) -> Segment:
-        """A new segment with a mapping of its own, every page reserved.
+    def create(cls, capacity: int, max_message_size: int, fd: int | None = None) -> Segment:
+        """A new segment with a mapping of its own, every page reserved: in a new
+        ``memfd``, or in ``fd`` (an empty file, for a named channel), which it takes over
+        and closes on failure (the caller unlinks the file).
 
         :raises OSError: the memory is not there (e.g. ``ENOMEM`` from the memory
-            cgroup's limit); nothing is left behind
+            cgroup's limit, ``ENOSPC`` from a full tmpfs); nothing is left behind
         """
         layout = Layout(capacity, max_message_size)
-        seg = cls(reserve_shared_memory(layout.size), layout)
+        if fd is None:
+            fd = reserve_shared_memory(layout.size)
+        else:
+            try:
+                reserve_shared_memory(layout.size, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        seg = cls(fd, layout)
         try:
             seg.format()
         except BaseException:

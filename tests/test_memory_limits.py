@@ -285,3 +285,24 @@ def test_a_creation_failing_after_the_mapping_unmaps(monkeypatch: pytest.MonkeyP
         caught = exc  # kept, as a caller that logs it would: its traceback too
     assert "injected" in str(caught)
     assert (sorted(os.listdir("/proc/self/fd")), maps()) == before
+
+
+def test_a_segment_in_a_given_file_of_a_full_tmpfs(small_tmpfs: Path) -> None:
+    # The named-channel path: Segment.create in a file the caller made, which it takes
+    # over: refused and closed when the tmpfs is too small, reserved when it fits.
+    from aioshm._layout import Segment
+
+    path = small_tmpfs / "named"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with pytest.raises(OSError) as caught:
+        Segment.create(16, 1 << 20, fd)
+    assert caught.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+    assert path.stat().st_blocks == 0  # nothing of the failed reservation is kept
+    path.unlink()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    segment = Segment.create(4, 1 << 20, fd)
+    assert os.stat(path).st_blocks * 512 >= 4 << 20  # every page found at creation
+    del segment
+    path.unlink()
