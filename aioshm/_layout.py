@@ -163,7 +163,9 @@ class Segment:
         if layout.size >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
             # Large slots copy faster with fewer TLB misses, where the system lets shared
             # memory use huge pages (transparent_hugepage/shmem_enabled "advise"). Only a
-            # hint: a kernel without transparent huge pages refuses it (EINVAL).
+            # hint: a kernel without transparent huge pages refuses it (EINVAL). Pages
+            # already reserved by posix_fallocate stay as they were found: huge ones
+            # under shmem_enabled "always" or "within_size", small ones under "advise".
             with contextlib.suppress(OSError):
                 buf.madvise(mmap.MADV_HUGEPAGE)
         self._owner: object = None
