@@ -791,10 +791,13 @@ class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):
         more for the message's header.
     :raises ValueError: a size is less than 1
     :raises TypeError: a size is not an ``int``
-    :raises OSError: the platform is not Linux
+    :raises OSError: the platform is not Linux, or the shared memory cannot be
+        reserved (``ENOMEM``: a memory cgroup at its limit; ``ENOSPC``; ``EFBIG``:
+        ``RLIMIT_FSIZE``); nothing is left behind
 
-    The channel maps about ``capacity * (max_message_size + 256)`` bytes of shared
-    memory when it is opened.
+    The channel maps and reserves about ``capacity * (max_message_size + 256)`` bytes
+    of shared memory when it is opened, so that no process can get ``SIGBUS`` touching
+    a slot later.
     """
 
     def __new__(  # type: ignore[misc]
