@@ -58,6 +58,7 @@ SLEEPERS = 10  # SLEEPERS + direction: threads registered on that direction's be
 RECLAIMED = 14  # slots taken back from processes that died holding them
 REDELIVERED = 15  # messages put back because their receiver died reading them
 UID = 16
+RETIRED = 30  # a named object: 1 once no process holds it (its name is being removed)
 _CTL_FIELDS = 32
 
 # Slot table fields.
@@ -164,9 +165,14 @@ class Segment:
         self.address = addr
 
     @classmethod
-    def create(cls, capacity: int, max_message_size: int) -> Segment:
+    def create(cls, capacity: int, max_message_size: int, fd: int | None = None) -> Segment:
+        """A new segment, in a new ``memfd``, or in ``fd`` (an empty file, which it takes
+        over) for a named channel."""
         layout = Layout(capacity, max_message_size)
-        fd = _anonymous_fd(layout.size)
+        if fd is None:
+            fd = _anonymous_fd(layout.size)
+        else:
+            os.ftruncate(fd, layout.size)  # TODO(arena): reserve the memory here too
         seg = cls(fd, layout)
         ctl = seg.ctl
         ctl[MAGIC] = _MAGIC

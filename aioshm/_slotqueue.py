@@ -30,7 +30,7 @@ blocking forms and the async wait bridge (layer 3) sleep on the doorbells in bet
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Final, NamedTuple, Protocol, TypeVar
+from typing import Final, NamedTuple, Protocol, Self, TypeVar
 
 from anyio import BrokenResourceError, EndOfStream, WouldBlock
 
@@ -112,8 +112,8 @@ class SlotQueue(SharedObject):
         self._payload = segment.payload
 
     @classmethod
-    def create(cls, capacity: int, max_message_size: int) -> SlotQueue:
-        queue = cls(Segment.create(capacity, max_message_size))
+    def create(cls, capacity: int, max_message_size: int, fd: int | None = None) -> Self:
+        queue = cls(Segment.create(capacity, max_message_size, fd))
         with queue.critical():
             for slot in range(capacity):
                 queue._free[slot] = slot
