@@ -153,7 +153,8 @@ class _Handle:
         self._entry = entry
         self._closed = False
         self._owned = owned
-        self._adopted = False  # unpickled outside a Process start: closed when collected
+        self._adopted = False  # pickled or unpickled outside a Process start: closed
+        # silently when collected (a pool's task arguments are beyond the user's reach)
         self._lost = False
         self._usable = owned
         self._ticks = 0
@@ -301,6 +302,9 @@ class _Handle:
             raise error
         if not self._usable:
             self._raise_unusable()
+        # A pool or queue holds this object until it is done with it, beyond the user's
+        # reach: once it has been pickled, it is closed silently when collected.
+        self._adopted = True
         queue = self._queue
         entry, nonce = queue.reserve((1, 0) if self._side == SEND else (0, 1), None)
         passport = _ownership.export_segment(queue.segment, getattr(queue, "name", None))
