@@ -138,3 +138,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def loop_back(queue: Any, results: Any, count: int) -> None:
+    """Take a send and a receive handle of one channel from ``queue``; send through one
+    and receive through the other."""
+    tx, rx = queue.get(timeout=60), queue.get(timeout=60)
+    with tx:
+        for i in range(count):
+            tx.send_blocking(i, timeout=60)
+    got = []
+    with rx:
+        try:
+            while True:
+                got.append(rx.recv_nowait())
+        except anyio.EndOfStream:
+            pass
+    results.put(got)

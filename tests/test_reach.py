@@ -20,6 +20,7 @@ import pickle
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -418,3 +419,26 @@ def test_a_spawn_child_killed_while_starting_counts_as_closed_while_the_parent_j
     assert consumer.exitcode == 0, consumer.exitcode
     assert elapsed < DEADLINE + 0.5, elapsed
     producer.join(10)
+
+
+def test_a_pickled_handle_outlives_every_handle_of_its_pickler() -> None:
+    """The parent pickles both ends onto a queue and drops every handle before a child
+    unpickles them: the memory stays mapped in the parent until they are claimed."""
+    ctx = multiprocessing.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    tx, rx = aioshm.open_channel[Any](capacity=8)
+    clones = [tx.clone(), rx.clone()]
+    refs = [weakref.ref(clone) for clone in clones]
+    for clone in clones:
+        queue.put(clone)
+    tx.close()
+    rx.close()
+    del tx, rx, clones, clone
+    # Pickled by the feeder thread, then dropped: the parent has no handle left.
+    wait_until(lambda: all(ref() is None for ref in refs), what="the clones to be dropped")
+    gc.collect()
+    child = ctx.Process(target=w.loop_back, args=(queue, results, 5))
+    child.start()
+    assert results.get(timeout=60) == list(range(5))
+    join_all([child])
+    wait_until(lambda: not _ownership._kept, what="the parent to let go")
