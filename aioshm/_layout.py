@@ -143,6 +143,7 @@ class Segment:
             # memory use huge pages (transparent_hugepage/shmem_enabled "advise").
             self._map.madvise(mmap.MADV_HUGEPAGE)
         self._finalizer = weakref.finalize(self, os.close, fd)
+        self._finalizer.atexit = False  # exit closes it anyway; atexit hooks may need it
         whole = memoryview(self._map)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.ctl = whole[: _CTL_FIELDS * 8].cast("q")

@@ -245,11 +245,8 @@ def create_queue(
     queue.name = name
     entry = queue.register((1, 1))
     while True:
-        try:
-            os.link(f"/proc/self/fd/{fd}", path)
+        if _publish(fd, name):
             return queue, entry
-        except FileExistsError:
-            pass
         existing = open_existing(name)
         if existing is not None and _check_not_stale(existing):
             raise FileExistsError(
@@ -258,6 +255,20 @@ def create_queue(
                 "aioshm.connect_send/connect_receive, or pick another name",
                 path,
             )
+
+
+def _publish(fd: int, name: str) -> bool:
+    """Give the complete file ``fd`` its name; ``False`` if the name is taken."""
+    # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names an O_TMPFILE file; a directory
+    # fd makes os.link use linkat rather than link, which would not follow the link.
+    directory = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", PREFIX + name, dst_dir_fd=directory)
+    except FileExistsError:
+        return False
+    finally:
+        os.close(directory)
+    return True
 
 
 def connect_queue(name: str, opened: tuple[int, int], timeout: float) -> tuple[NamedQueue, int]:
