@@ -113,6 +113,13 @@ class NamedQueue(SlotQueue):
             self._ctl[RETIRED] = 1  # nobody may join any more
             self.defer(self.remove_name)
 
+    def drop_handle(self, entry: int, side: int) -> None:
+        super().drop_handle(entry, side)
+        if not self._ctl[RETIRED]:
+            # Holders that died unnoticed must not keep the name once the live ones
+            # are gone.
+            self.sweep(force=True)
+
     def _entries_locked(self) -> int:
         procs = self._procs
         bases = range(0, MAX_PROCS * PROC_FIELDS, PROC_FIELDS)
