@@ -383,11 +383,17 @@ def items_sent(exc: BaseException) -> int:
 
 
 class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
-    """The sending end of a channel. Obtain one from :func:`open_channel`.
+    """The sending end of a channel. Obtain one from :func:`open_channel` or
+    :func:`connect_send`.
 
-    Pass it to other processes as an argument of ``multiprocessing.Process``: each child
-    it is passed to owns a handle of its own, and closes it when it exits. It is an
+    Pass it to other processes as an argument of ``multiprocessing.Process``, or in
+    anything else ``multiprocessing`` pickles (a pool's task, a ``Queue``, a ``Pipe``):
+    each process it is passed to owns a handle of its own, and closes it when it exits;
+    the one you passed stays yours to close. Pools and queues pickle later, on a thread
+    of their own: pass ``tx.clone()`` and close your own at once. It is an
     ``anyio.abc.ObjectSendStream``, and a context manager, sync or async, that closes it.
+
+    Pickling it raises ``ClosedResourceError`` if it is closed.
     """
 
     _side = SEND
@@ -608,9 +614,9 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
     ``async for item in rx`` receives until the stream ends: once every send handle, in
     every process, is closed and what they sent has been received. Pass it to other
-    processes as an argument of ``multiprocessing.Process``: each child it is passed to
-    owns a handle of its own. It is an ``anyio.abc.ObjectReceiveStream``, and a context
-    manager, sync or async, that closes it.
+    processes as :class:`SendChannel` says (each owns a handle of its own), or join by
+    name with :func:`connect_receive`. It is an ``anyio.abc.ObjectReceiveStream``, and a
+    context manager, sync or async, that closes it.
 
     ``recv``, ``recv_nowait`` and ``receive_blocking`` are aliases of :meth:`receive`,
     :meth:`receive_nowait` and :meth:`recv_blocking`.
