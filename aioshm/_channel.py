@@ -306,7 +306,13 @@ class _Handle:
         # reach: once it has been pickled, it is closed silently when collected.
         self._adopted = True
         queue = self._queue
-        entry, nonce = queue.reserve((1, 0) if self._side == SEND else (0, 1), None)
+        try:
+            entry, nonce = queue.reserve((1, 0) if self._side == SEND else (0, 1), None)
+        except RuntimeError as exc:  # the process table is full
+            raise RuntimeError(
+                f"cannot pickle this {kind}: {exc}, counting handles pickled and not yet "
+                "unpickled. Submit tasks that carry handles in smaller batches"
+            ) from exc
         passport = _ownership.export_segment(queue.segment, getattr(queue, "name", None))
         _ownership.keep_until_claimed(queue, entry, nonce, self._channel)
         return (_adopt, (type(self), passport, entry, nonce))

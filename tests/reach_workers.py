@@ -78,6 +78,14 @@ def consume_from_queue(queue: Any, results: Any) -> None:
     results.put(("ok", got))
 
 
+def hold_from_queue(queue: Any, ready: Any) -> None:
+    """Take a handle from ``queue`` and hold it until killed."""
+    handle = queue.get(timeout=60)
+    ready.set()
+    time.sleep(600)
+    handle.close()  # pragma: no cover - killed first
+
+
 def produce_from_queue(queue: Any, count: int) -> None:
     tx = queue.get(timeout=60)
     with tx:

@@ -160,9 +160,10 @@ def test_pickling_a_closed_handle_reaches_the_tasks_future() -> None:
     rx.close()
 
 
-def test_a_killed_worker_counts_as_closed_within_a_second() -> None:
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_killed_worker_counts_as_closed_within_a_second(method: str) -> None:
     tx, rx = aioshm.open_channel[Any](capacity=4)
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method))
     future = pool.submit(w.send_then_hang, tx.clone())
     tx.close()
 
@@ -269,6 +270,31 @@ def _queue_hand_off_with_the_parents_early_close(method: str) -> None:
     for q in (queue, results):
         q.close()
         q.join_thread()
+
+
+def test_a_killed_queue_consumer_counts_as_closed_within_a_second() -> None:
+    """The consumer got its receive handle from a Queue; killed, it breaks the sender."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    tx, rx = aioshm.open_channel[Any](capacity=1)
+    ready = ctx.Event()
+    consumer = ctx.Process(target=w.hold_from_queue, args=(queue, ready))
+    consumer.start()
+    queue.put(rx.clone())
+    rx.close()
+    assert ready.wait(60)  # the consumer has claimed its handle
+    gc.collect()
+    assert tx.statistics().open_receive_streams == 1
+    tx.send_nowait("fills the only slot")
+    assert consumer.pid is not None
+    os.kill(consumer.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    with tx, pytest.raises(anyio.BrokenResourceError):
+        tx.send_blocking("blocked until the consumer is found dead", timeout=30)
+    assert time.monotonic() - killed_at < DEADLINE + 0.5
+    consumer.join(10)
+    queue.close()
+    queue.join_thread()
 
 
 def test_a_closed_handle_on_a_queue_raises_at_the_readers_get() -> None:
@@ -442,3 +468,18 @@ def test_a_pickled_handle_outlives_every_handle_of_its_pickler() -> None:
     assert results.get(timeout=60) == list(range(5))
     join_all([child])
     wait_until(lambda: not _ownership._kept, what="the parent to let go")
+
+
+def test_a_full_process_table_is_a_clear_error() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=1)
+    pickles = []
+    with pytest.raises(RuntimeError, match="smaller batches"):
+        for _ in range(200):
+            pickles.append(pickle.dumps(tx))
+    assert len(pickles) == 127  # one entry is this process's own
+    for data in pickles:  # each is still good, and releases its entry when closed
+        pickle.loads(data).close()
+    tx.close()
+    with pytest.raises(anyio.EndOfStream):
+        rx.recv_nowait()
+    rx.close()
