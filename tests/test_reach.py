@@ -52,7 +52,7 @@ def _readlink(fd: str) -> str:
         return "?"
 
 
-def _aioshm_threads() -> list[str]:
+def _aioshm_threads() -> list[str]:  # started by aioshm
     return [t.name for t in threading.enumerate() if t.name.startswith("aioshm")]
 
 
@@ -67,12 +67,12 @@ def nothing_left(method: str | None = None) -> Iterator[None]:
 
     resource_tracker.ensure_running()
     gc.collect()
-    fds, threads = _fds(), threading.active_count()
+    fds, threads = _fds(), {t.ident for t in threading.enumerate()}
     shm = {n for n in os.listdir("/dev/shm") if n.startswith("aioshm.")}
     yield
     gc.collect()
-    wait_until(lambda: not _aioshm_threads(), what="aioshm threads to exit")
-    wait_until(lambda: threading.active_count() <= threads, what="threads to exit")
+    # Every thread started meanwhile (pools', queues', aioshm's) exits.
+    wait_until(lambda: {t.ident for t in threading.enumerate()} <= threads, what="threads to exit")
     try:
         wait_until(lambda: _fds() <= fds, what="fds to close")
     except AssertionError:
@@ -415,7 +415,7 @@ def test_keeper_thread_exits_when_nothing_is_pending() -> None:
     tx, rx = aioshm.open_channel[Any](capacity=2)
     copy = pickle.loads(pickle.dumps(tx))
     wait_until(lambda: _ownership._keeper is None, what="the keeper to exit")
-    assert not _aioshm_threads()
+    wait_until(lambda: "aioshm-keeper" not in _aioshm_threads(), what="its thread to end")
     for handle in (copy, tx, rx):
         handle.close()
 
