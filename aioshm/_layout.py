@@ -167,13 +167,11 @@ class Segment:
 
     @classmethod
     def create(cls, capacity: int, max_message_size: int, fd: int | None = None) -> Segment:
-        """A new segment, in a new ``memfd``, or in ``fd`` (an empty file, which it takes
-        over) for a named channel."""
+        """A new segment, in a new ``memfd``, or in ``fd`` (a file of at least
+        ``Layout(capacity, max_message_size).size`` bytes, which it takes over)."""
         layout = Layout(capacity, max_message_size)
         if fd is None:
             fd = _anonymous_fd(layout.size)
-        else:
-            os.ftruncate(fd, layout.size)  # TODO(arena): reserve the memory here too
         seg = cls(fd, layout)
         ctl = seg.ctl
         ctl[MAGIC] = _MAGIC

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from ._layout import MAX_PROCS, P_KIND, PROC_FIELDS, RETIRED, Segment
+from ._layout import MAX_PROCS, P_KIND, PROC_FIELDS, RETIRED, Layout, Segment
 from ._shared import _K_ACTIVE, _K_FREE
 from ._slotqueue import SlotQueue
 
@@ -245,6 +245,9 @@ def create_queue(
         ) from None
     try:
         os.fchmod(fd, mode)  # whatever the umask
+        # TODO(arena): reserve the memory with the _layout helper (posix_fallocate), so
+        # that a full /dev/shm is an OSError here rather than a SIGBUS later.
+        os.ftruncate(fd, Layout(capacity, max_message_size).size)
         queue = NamedQueue.create(capacity, max_message_size, fd)
     except BaseException:
         os.close(fd)
