@@ -360,6 +360,8 @@ def _adopt(cls: type[_Handle], passport: _ownership.Passport, entry: int, nonce:
         channel = _Channel(_names.queue_for(segment, passport.name))
     handle = cls(channel, entry, owned=False)
     handle._claim((entry, nonce))
+    if handle._owned:
+        handle._entry = _ownership.merge_into_mine(channel.queue, entry)
     handle._adopted = True
     return handle
 
@@ -863,7 +865,7 @@ def _connect(name: str, side: int, timeout: float) -> _Handle:
         raise OSError("aioshm needs Linux (robust process-shared mutexes)")
     queue, entry = _names.connect_queue(name, (1, 0) if side == SEND else (0, 1), timeout)
     channel = _Channel.lookup(int(queue.segment.ctl[UID])) or _Channel(queue)
-    return cls(channel, entry)
+    return cls(channel, _ownership.merge_into_mine(channel.queue, entry))
 
 
 def connect_send(name: str, timeout: float = 0) -> SendChannel[Any]:

@@ -51,8 +51,18 @@ from typing import Any, NamedTuple, Protocol
 from anyio import BrokenResourceError, ClosedResourceError
 
 from . import _procs
-from ._layout import P_KIND, P_NONCE, PROC_FIELDS, UID, Segment
-from ._shared import _K_RESERVED
+from ._layout import (
+    MAX_PROCS,
+    P_KIND,
+    P_NONCE,
+    P_OPEN,
+    P_PID,
+    P_START,
+    PROC_FIELDS,
+    UID,
+    Segment,
+)
+from ._shared import _K_ACTIVE, _K_FREE, _K_RESERVED
 
 __all__ = [
     "Owned",
@@ -62,6 +72,7 @@ __all__ = [
     "feeding_a_plain_queue",
     "import_segment",
     "keep_until_claimed",
+    "merge_into_mine",
     "raise_on_arrival",
     "reserve_for_spawn",
     "track",
@@ -167,6 +178,33 @@ def import_segment(passport: Passport, kind: str) -> Segment:
     if int(segment.ctl[UID]) != passport.uid:  # pragma: no cover - inode checked above
         raise gone
     return segment
+
+
+def merge_into_mine(obj: Any, entry: int) -> int:
+    """Fold the fresh entry ``entry`` (just claimed or registered, holding no slot) into
+    another entry this process already has, if any; return the entry to use.
+
+    So a process holds one entry per channel however many handles it unpickles or
+    connects, and the table is bounded by processes and pickles in flight.
+    """
+    pid, started = _procs.my_identity()
+    procs = obj._procs
+    with obj.critical():
+        for other in range(MAX_PROCS):
+            base = other * PROC_FIELDS
+            if (
+                other != entry
+                and procs[base + P_KIND] == _K_ACTIVE
+                and procs[base + P_PID] == pid
+                and procs[base + P_START] == started
+            ):
+                mine = entry * PROC_FIELDS
+                for side in (0, 1):
+                    procs[base + P_OPEN + side] += procs[mine + P_OPEN + side]
+                    procs[mine + P_OPEN + side] = 0
+                procs[mine + P_KIND] = _K_FREE  # the totals under OPEN are unchanged
+                return other
+    return entry
 
 
 # ---------------------------------------------------------------- the keeper

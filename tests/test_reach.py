@@ -483,3 +483,18 @@ def test_a_full_process_table_is_a_clear_error() -> None:
     with pytest.raises(anyio.EndOfStream):
         rx.recv_nowait()
     rx.close()
+
+
+def test_a_process_holds_one_entry_however_many_handles_it_unpickles() -> None:
+    """Claims fold into the process's entry: 300 handles unpickled and held at once fit
+    in the 128-entry table, and each still counts."""
+    tx, rx = aioshm.open_channel[Any](capacity=1)
+    held = [pickle.loads(pickle.dumps(tx)) for _ in range(300)]
+    assert rx.statistics().open_send_streams == 301
+    for handle in held:
+        handle.close()
+    assert rx.statistics().open_send_streams == 1
+    tx.close()
+    with pytest.raises(anyio.EndOfStream):
+        rx.recv_nowait()
+    rx.close()
