@@ -219,6 +219,22 @@ def _pool_task_arguments_and_results(method: str) -> None:
     _check_exactly_once(got, tasks, count)
 
 
+def test_a_killed_pool_worker_counts_as_closed_within_a_second() -> None:
+    ctx = multiprocessing.get_context("forkserver")
+    tx, rx = aioshm.open_channel[Any](capacity=4)
+    with ctx.Pool(1) as pool:
+        pool.apply_async(w.send_then_hang, (tx.clone(),))
+        tx.close()
+        with rx:
+            pid = rx.recv_blocking(timeout=60)
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            with pytest.raises(anyio.EndOfStream):
+                rx.recv_blocking(timeout=30)
+            assert time.monotonic() - killed_at < DEADLINE + 0.5
+        pool.terminate()
+
+
 # ------------------------------------------------------------ anyio.to_process
 
 
@@ -235,6 +251,33 @@ async def test_anyio_to_process() -> None:
         async with rx:
             got = [item async for item in rx]
     _check_exactly_once(got, tasks, count)
+
+
+@pytest.mark.anyio
+async def test_a_killed_anyio_worker_counts_as_closed_within_a_second() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=4)
+    broken: list[str] = []
+
+    async def run(clone: aioshm.SendChannel[Any]) -> None:
+        # anyio holds the arguments until the call returns: the clone in this process
+        # is open until the worker's death is noticed (keep no traceback referring to it).
+        try:
+            await anyio.to_process.run_sync(w.send_then_hang, clone)
+        except anyio.BrokenWorkerProcess as exc:
+            broken.append(type(exc).__name__)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, tx.clone())
+        tx.close()
+        async with rx:
+            with anyio.fail_after(60):
+                pid = await rx.recv()
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            with anyio.fail_after(30), pytest.raises(anyio.EndOfStream):
+                await rx.recv()
+            assert time.monotonic() - killed_at < DEADLINE + 0.5
+    assert broken
 
 
 # ------------------------------------------------------------ Queue, Pipe, managers
