@@ -18,8 +18,9 @@ in use: an open handle in a live process, or a handle pickled and not yet unpick
 a liveness sweep that finds the last holder dead, marks the channel retired (under the
 channel's mutex, so that no one can join it any more) and removes the name. If every
 holder is killed at once, nobody is left to do that: the file stays, *stale*, until the
-next ``open_channel`` or ``connect_*`` of that name (or ``aioshm remove``) sweeps it,
-finds every holder dead and removes it; ``aioshm list`` shows it as stale meanwhile.
+next ``open_channel`` of any name by this user, or ``connect_*`` of that name, or
+``aioshm remove``, sweeps it, finds every holder dead and removes it; ``aioshm list``
+shows it as stale meanwhile.
 
 **Removing a name safely.** Whoever removes a name first takes ``flock`` on the file it
 has open and checks that the name still leads to that very file, so it never removes a
@@ -225,13 +226,29 @@ def _check_not_stale(queue: NamedQueue) -> bool:
     return True
 
 
+def reclaim_stale() -> list[str]:
+    """Remove every stale name of this user (every holder dead); the names removed."""
+    removed = []
+    for name in listing():
+        try:
+            queue = open_existing(name)
+            if queue is not None and not _check_not_stale(queue):
+                removed.append(name)
+        except OSError:  # removed meanwhile, or not a channel
+            continue
+    return removed
+
+
 def create_queue(
     name: str, capacity: int, max_message_size: int, mode: int
 ) -> tuple[NamedQueue, int]:
     """Create the channel ``name``, holding one handle of each side; ``(queue, entry)``.
 
+    Creating a name also reclaims this user's stale ones, whatever their names.
+
     :raises FileExistsError: a live channel has that name
     """
+    reclaim_stale()
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
         raise ValueError(f"mode must be permission bits such as 0o600 or 0o660, not {mode!r}")
     if mode & 0o600 != 0o600:

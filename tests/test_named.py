@@ -291,3 +291,21 @@ def test_a_named_handle_pickles_like_any_other() -> None:
         rx.recv_nowait()
     rx.close()
     assert not exists(name)
+
+
+def test_opening_any_name_reclaims_this_users_stale_ones() -> None:
+    stale = fresh()
+    creator = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import aioshm, os, signal\nt, r = aioshm.open_channel(name={stale!r})\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n",
+        ]
+    )
+    creator.wait(30)
+    assert exists(stale)
+    tx, rx = aioshm.open_channel[Any](name=fresh())
+    assert not exists(stale)
+    tx.close()
+    rx.close()
