@@ -356,7 +356,15 @@ def _adopt(cls: type[_Handle], passport: _ownership.Passport, entry: int, nonce:
     """Unpickle a handle pickled outside a ``Process`` start (see ``_ownership``)."""
     channel = _Channel.lookup(passport.uid)
     if channel is None:
-        segment = _ownership.import_segment(passport, cls.__name__)
+        try:
+            segment = _ownership.import_segment(passport, cls.__name__)
+        except PermissionError:
+            # /proc/<pid>/fd closed to us (a sandbox, say): a named channel is
+            # reachable by its name as well.
+            named = _names.open_existing(passport.name) if passport.name else None
+            if named is None or int(named.segment.ctl[UID]) != passport.uid:
+                raise
+            segment = named.segment
         channel = _Channel(_names.queue_for(segment, passport.name))
     handle = cls(channel, entry, owned=False)
     handle._claim((entry, nonce))
