@@ -163,3 +163,19 @@ def loop_back(queue: Any, results: Any, count: int) -> None:
         except anyio.EndOfStream:
             pass
     results.put(got)
+
+
+def unpickle_without_proc(queue: Any, results: Any) -> None:
+    """As if /proc/<pid>/fd were closed to this process: a named handle still arrives."""
+    from aioshm import _ownership
+
+    def refuse(*args: Any) -> Any:
+        raise PermissionError("no /proc here")
+
+    _ownership.import_segment = refuse  # type: ignore[assignment]
+    try:
+        with queue.get(timeout=60) as tx:
+            tx.send_blocking("by name", timeout=60)
+        results.put("ok")
+    except BaseException as exc:
+        results.put(f"{type(exc).__name__}: {exc}")

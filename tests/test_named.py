@@ -309,3 +309,28 @@ def test_opening_any_name_reclaims_this_users_stale_ones() -> None:
     assert not exists(stale)
     tx.close()
     rx.close()
+
+
+def test_a_named_handle_unpickles_by_name_where_proc_is_closed() -> None:
+    import multiprocessing
+
+    from . import reach_workers
+
+    ctx = multiprocessing.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    name = fresh()
+    tx, rx = aioshm.open_channel[Any](name=name)
+    child = ctx.Process(target=reach_workers.unpickle_without_proc, args=(queue, results))
+    child.start()
+    queue.put(tx.clone())
+    tx.close()
+    assert results.get(timeout=60) == "ok"
+    child.join(30)
+    with rx:
+        assert rx.recv_nowait() == "by name"
+        with pytest.raises(anyio.EndOfStream):
+            rx.recv_nowait()
+    queue.close()
+    queue.join_thread()
+    results.close()
+    results.join_thread()
