@@ -28,6 +28,12 @@ def send_without_closing(tx: aioshm.SendChannel[Any], task: int) -> int:
     return os.getpid()
 
 
+def send_and_raise(tx: aioshm.SendChannel[Any], task: int) -> None:
+    """A task that raises without closing its handle."""
+    tx.send_blocking((task, 0), timeout=60)
+    raise ValueError(f"task {task} failed")
+
+
 def send_then_hang(tx: aioshm.SendChannel[Any]) -> None:
     """Announce our pid, then hold the handle until killed."""
     tx.send_blocking(os.getpid(), timeout=60)

@@ -145,6 +145,32 @@ def test_a_task_that_returns_without_closing_does_not_hold_the_stream() -> None:
     assert sorted(got) == [(0, 0), (1, 0), (2, 0)]
 
 
+@pytest.mark.parametrize("pool_kind", ["executor", "pool"])
+def test_a_task_that_raises_without_closing_does_not_hold_the_stream(pool_kind: str) -> None:
+    ctx = multiprocessing.get_context("forkserver")
+    tx, rx = aioshm.open_channel[Any](capacity=8)
+    if pool_kind == "executor":
+        executor = ProcessPoolExecutor(1, mp_context=ctx)
+        outcomes = [executor.submit(w.send_and_raise, tx.clone(), task) for task in range(3)]
+    else:
+        pool = ctx.Pool(1)
+        outcomes = [pool.apply_async(w.send_and_raise, (tx.clone(), task)) for task in range(3)]
+    tx.close()
+    with rx:
+        got = []
+        with pytest.raises(anyio.EndOfStream):
+            while True:
+                got.append(rx.recv_blocking(timeout=30))
+    assert sorted(got) == [(0, 0), (1, 0), (2, 0)]
+    for outcome in outcomes:
+        with pytest.raises(ValueError, match="failed"):
+            outcome.result(60) if pool_kind == "executor" else outcome.get(60)  # type: ignore[union-attr]
+    if pool_kind == "executor":
+        executor.shutdown()
+    else:
+        pool.terminate()
+
+
 def test_pickling_a_closed_handle_reaches_the_tasks_future() -> None:
     tx, rx = aioshm.open_channel[Any](capacity=1)
     clone = tx.clone()
