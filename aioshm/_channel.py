@@ -293,15 +293,17 @@ class _Handle:
         if context.get_spawning_popen() is not None:  # an argument of Process
             return (_rebuild, (type(self), self._channel, _ownership.reserve_for_spawn(self)))
         kind = type(self).__name__
-        if self._closed:
-            error = _ownership.closed_handle_error(kind)
-            if _ownership.feeding_a_plain_queue():
-                # That queue would print the error and drop the item, and its reader
-                # would wait for ever: let the reader's get() raise it instead.
-                return (_ownership.raise_on_arrival, (error,))
-            raise error
         if not self._usable:
-            self._raise_unusable()
+            try:
+                if self._closed:
+                    raise _ownership.closed_handle_error(kind)
+                self._raise_unusable()
+            except (ClosedResourceError, BrokenResourceError) as error:
+                if _ownership.feeding_a_plain_queue():
+                    # That queue would print the error and drop the item, and its
+                    # reader would wait for ever: let the reader's get() raise it.
+                    return (_ownership.raise_on_arrival, (error.with_traceback(None),))
+                raise
         # A pool or queue holds this object until it is done with it, beyond the user's
         # reach: once it has been pickled, it is closed silently when collected.
         self._adopted = True

@@ -567,3 +567,29 @@ def test_a_process_holds_one_entry_however_many_handles_it_unpickles() -> None:
     with pytest.raises(anyio.EndOfStream):
         rx.recv_nowait()
     rx.close()
+
+
+_INHERITED: list[Any] = []
+
+
+def _put_inherited(queue: Any) -> None:
+    queue.put(_INHERITED[0])  # inherited through fork, not passed: not this child's
+    queue.close()
+    queue.join_thread()
+
+
+def test_an_inherited_handle_on_a_queue_raises_at_the_readers_get() -> None:
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    tx, rx = aioshm.open_channel[Any](capacity=1)
+    _INHERITED.append(tx)
+    try:
+        child = ctx.Process(target=_put_inherited, args=(queue,))
+        child.start()
+        with pytest.raises(anyio.ClosedResourceError, match="inherited through fork"):
+            queue.get(timeout=60)
+        join_all([child])
+    finally:
+        _INHERITED.clear()
+        tx.close()
+        rx.close()
