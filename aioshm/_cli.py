@@ -39,8 +39,8 @@ def describe(queue: _names.NamedQueue) -> dict[str, Any]:
     procs = queue._procs
     holders: list[dict[str, Any]] = []
     counters = queue.counters()
-    with queue.critical():
-        retired = queue.retired
+
+    def read_locked() -> bool:
         for entry in range(MAX_PROCS):
             base = entry * PROC_FIELDS
             kind = procs[base + P_KIND]
@@ -57,6 +57,9 @@ def describe(queue: _names.NamedQueue) -> dict[str, Any]:
                     "receivers": procs[base + P_OPEN + RECV],
                 }
             )
+        return queue.retired
+
+    retired = queue.locked(read_locked)
     for holder in holders:
         pid, started = holder.pop("pid"), holder.pop("started")
         vouched, vouched_started = holder.pop("vouched_by"), holder.pop("vouched_started")

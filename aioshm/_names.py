@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from ._layout import MAX_PROCS, P_KIND, PROC_FIELDS, RETIRED, Layout, Segment
+from ._layout import MAX_PROCS, P_KIND, P_PID, P_START, PROC_FIELDS, RETIRED, Layout, Segment
 from ._shared import _K_ACTIVE, _K_FREE
 from ._slotqueue import SlotQueue
 
@@ -131,14 +131,17 @@ class NamedQueue(SlotQueue):
         from . import _procs
 
         pid, started = _procs.my_identity()
-        with self.critical():
+
+        def register_locked() -> int | None:
             if self._ctl[RETIRED]:
                 return None
             entry = self._new_entry_locked(_K_ACTIVE, opened)
             base = entry * PROC_FIELDS
-            self._procs[base + 1] = pid  # P_PID
-            self._procs[base + 2] = started  # P_START
-        return entry
+            self._procs[base + P_PID] = pid
+            self._procs[base + P_START] = started
+            return entry
+
+        return self.locked(register_locked)
 
     @property
     def retired(self) -> bool:
@@ -155,13 +158,16 @@ class NamedQueue(SlotQueue):
         from ._shared import RECV, SEND
 
         procs = self._procs
-        with self.critical():
+
+        def retire_locked() -> None:
             for base in range(0, MAX_PROCS * PROC_FIELDS, PROC_FIELDS):
                 procs[base + P_OPEN] = procs[base + P_OPEN + 1] = 0
             self._ctl[OPEN] = self._ctl[OPEN + 1] = 0
             self._ctl[RETIRED] = 1
             self._ring_all_locked(SEND)
             self._ring_all_locked(RECV)
+
+        self.locked(retire_locked)
         self.remove_name()
 
 

@@ -189,7 +189,8 @@ def merge_into_mine(obj: Any, entry: int) -> int:
     """
     pid, started = _procs.my_identity()
     procs = obj._procs
-    with obj.critical():
+
+    def merge_locked() -> int:
         for other in range(MAX_PROCS):
             base = other * PROC_FIELDS
             if (
@@ -204,7 +205,9 @@ def merge_into_mine(obj: Any, entry: int) -> int:
                     procs[mine + P_OPEN + side] = 0
                 procs[mine + P_KIND] = _K_FREE  # the totals under OPEN are unchanged
                 return other
-    return entry
+        return entry
+
+    return int(obj.locked(merge_locked))
 
 
 # ---------------------------------------------------------------- the keeper
