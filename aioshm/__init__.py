@@ -9,6 +9,8 @@ from ._channel import (
     ChannelStatistics,
     ReceiveChannel,
     SendChannel,
+    connect_receive,
+    connect_send,
     items_sent,
     open_channel,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "SynchronizedArray",
     "SynchronizedValue",
     "Value",
+    "connect_receive",
+    "connect_send",
     "items_sent",
     "open_channel",
 ]

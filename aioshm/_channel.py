@@ -30,6 +30,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
+from multiprocessing import context
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, NoReturn, Self, TypeVar, cast
 
@@ -38,16 +39,23 @@ from anyio import BrokenResourceError, ClosedResourceError, WouldBlock
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.lowlevel import checkpoint
 
-from . import _ownership
+from . import _names, _ownership
 from ._checkpoint import YIELD_EVERY, cancel_pending
 from ._codec import Message, copy_into, decode, encode, loan_layout, view
-from ._layout import HEADER_RESERVE
+from ._layout import HEADER_RESERVE, UID
 from ._posix import Reentered, supported
 from ._shared import RECV, SEND
 from ._slotqueue import CorruptMessage, SlotQueue
 from ._wait import Hub
 
-__all__ = ["ChannelStatistics", "ReceiveChannel", "SendChannel", "open_channel"]
+__all__ = [
+    "ChannelStatistics",
+    "ReceiveChannel",
+    "SendChannel",
+    "connect_receive",
+    "connect_send",
+    "open_channel",
+]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -98,6 +106,12 @@ class _Channel:
         self.blocking = [0, 0]
         self.local_handles = 0
         _channels.add(self)
+        _by_uid[int(queue.segment.ctl[UID])] = self
+
+    @staticmethod
+    def lookup(uid: int) -> _Channel | None:
+        """This process's view of the channel whose segment has identity ``uid``."""
+        return _by_uid.get(uid)
 
     def reset_after_fork(self) -> None:
         for hub in self.hubs:
@@ -118,6 +132,9 @@ class _Channel:
 
 
 _channels: weakref.WeakSet[_Channel] = weakref.WeakSet()
+#: One view per channel and process: a handle unpickled or connected by name in a
+#: process that already maps the channel (or inherited it through fork) shares it.
+_by_uid: weakref.WeakValueDictionary[int, _Channel] = weakref.WeakValueDictionary()
 
 
 def _reset_channels_in_child() -> None:
@@ -141,6 +158,8 @@ class _Handle:
         self._entry = entry
         self._closed = False
         self._owned = owned
+        self._adopted = False  # pickled or unpickled outside a Process start: closed
+        # silently when collected (a pool's task arguments are beyond the user's reach)
         self._lost = False
         self._usable = owned
         self._ticks = 0
@@ -157,7 +176,8 @@ class _Handle:
         if self._lost:
             raise BrokenResourceError(
                 f"this {name} was handed to this process, but the reservation made for it "
-                "expired first (the parent died before this process started)"
+                "when it was pickled expired first: the process that pickled it exited "
+                "before this one unpickled it (or this pickle was unpickled once already)"
             )
         raise ClosedResourceError(
             f"this {name} was inherited through fork but not passed to this process: pass "
@@ -237,6 +257,8 @@ class _Handle:
     def __del__(self) -> None:
         if getattr(self, "_owned", False) and not self._closed:
             self._retire()  # first: the warning may be turned into an error
+            if self._adopted:
+                return  # the documented way for a task's handle to be closed
             warnings.warn(
                 f"unclosed {self!r}: close it, or use it as a context manager",
                 ResourceWarning,
@@ -285,7 +307,34 @@ class _Handle:
     # -------------------------------------------------------------- ownership
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self._channel, _ownership.reserve_for_spawn(self)))
+        if context.get_spawning_popen() is not None:  # an argument of Process
+            return (_rebuild, (type(self), self._channel, _ownership.reserve_for_spawn(self)))
+        kind = type(self).__name__
+        if not self._usable:
+            try:
+                if self._closed:
+                    raise _ownership.closed_handle_error(kind)
+                self._raise_unusable()
+            except (ClosedResourceError, BrokenResourceError) as error:
+                if _ownership.feeding_a_plain_queue():
+                    # That queue would print the error and drop the item, and its
+                    # reader would wait for ever: let the reader's get() raise it.
+                    return (_ownership.raise_on_arrival, (error.with_traceback(None),))
+                raise
+        # A pool or queue holds this object until it is done with it, beyond the user's
+        # reach: once it has been pickled, it is closed silently when collected.
+        self._adopted = True
+        queue = self._queue
+        try:
+            entry, nonce = queue.reserve((1, 0) if self._side == SEND else (0, 1), None)
+        except RuntimeError as exc:  # the process table is full
+            raise RuntimeError(
+                f"cannot pickle this {kind}: {exc}, counting handles pickled and not yet "
+                "unpickled. Submit tasks that carry handles in smaller batches"
+            ) from exc
+        passport = _ownership.export_segment(queue.segment, getattr(queue, "name", None))
+        _ownership.keep_until_claimed(queue, entry, nonce, self._channel)
+        return (_adopt, (type(self), passport, entry, nonce))
 
     def _reserve(self, popen: object) -> tuple[int, int] | None:
         if not self._usable:
@@ -322,6 +371,28 @@ def _rebuild(cls: type[_Handle], channel: _Channel, reservation: tuple[int, int]
     return handle
 
 
+def _adopt(cls: type[_Handle], passport: _ownership.Passport, entry: int, nonce: int) -> _Handle:
+    """Unpickle a handle pickled outside a ``Process`` start (see ``_ownership``)."""
+    channel = _Channel.lookup(passport.uid)
+    if channel is None:
+        try:
+            segment = _ownership.import_segment(passport, cls.__name__)
+        except PermissionError:
+            # /proc/<pid>/fd closed to us (a sandbox, say): a named channel is
+            # reachable by its name as well.
+            named = _names.open_existing(passport.name) if passport.name else None
+            if named is None or int(named.segment.ctl[UID]) != passport.uid:
+                raise
+            segment = named.segment
+        channel = _Channel(_names.queue_for(segment, passport.name))
+    handle = cls(channel, entry, owned=False)
+    handle._claim((entry, nonce))
+    if handle._owned:
+        handle._entry = _ownership.merge_into_mine(channel.queue, entry)
+    handle._adopted = True
+    return handle
+
+
 def _note_partial(exc: BaseException, sent: int) -> None:
     exc.aioshm_items_sent = sent  # type: ignore[attr-defined]
     exc.add_note(f"aioshm: {sent} item(s) of the batch were sent before this")
@@ -347,11 +418,17 @@ def items_sent(exc: BaseException) -> int:
 
 
 class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
-    """The sending end of a channel. Obtain one from :func:`open_channel`.
+    """The sending end of a channel. Obtain one from :func:`open_channel` or
+    :func:`connect_send`.
 
-    Pass it to other processes as an argument of ``multiprocessing.Process``: each child
-    it is passed to owns a handle of its own, and closes it when it exits. It is an
+    Pass it to other processes as an argument of ``multiprocessing.Process``, or in
+    anything else ``multiprocessing`` pickles (a pool's task, a ``Queue``, a ``Pipe``):
+    each process it is passed to owns a handle of its own, and closes it when it exits;
+    the one you passed stays yours to close. Pools and queues pickle later, on a thread
+    of their own: pass ``tx.clone()`` and close your own at once. It is an
     ``anyio.abc.ObjectSendStream``, and a context manager, sync or async, that closes it.
+
+    Pickling it raises ``ClosedResourceError`` if it is closed.
     """
 
     _side = SEND
@@ -584,9 +661,9 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
     ``async for item in rx`` receives until the stream ends: once every send handle, in
     every process, is closed and what they sent has been received. Pass it to other
-    processes as an argument of ``multiprocessing.Process``: each child it is passed to
-    owns a handle of its own. It is an ``anyio.abc.ObjectReceiveStream``, and a context
-    manager, sync or async, that closes it.
+    processes as :class:`SendChannel` says (each owns a handle of its own), or join by
+    name with :func:`connect_receive`. It is an ``anyio.abc.ObjectReceiveStream``, and a
+    context manager, sync or async, that closes it.
 
     ``recv``, ``recv_nowait`` and ``receive_blocking`` are aliases of :meth:`receive`,
     :meth:`receive_nowait` and :meth:`recv_blocking`.
@@ -789,10 +866,18 @@ class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):
     :param max_message_size: the largest encoded message one slot holds, in bytes (for
         an array, its ``nbytes``; for bytes, their length). Each slot reserves 256 bytes
         more for the message's header.
-    :raises ValueError: a size is less than 1
+    :param name: if given, any process of this user on the machine can join the channel
+        by this name, with :func:`connect_send` and :func:`connect_receive`. The name
+        lives as long as some handle of the channel is open in a live process.
+    :param mode: who may join a named channel, as the permission bits of a file
+        (``0o600``: this user only; ``0o660``: this user's group too)
+    :raises ValueError: a size is less than 1, or the name is malformed (the message
+        says what a valid name is)
     :raises TypeError: a size is not an ``int``
+    :raises FileExistsError: a live channel already has that name
     :raises OSError: the platform is not Linux, or the shared memory cannot be
-        reserved (``ENOMEM``: a memory cgroup at its limit; ``ENOSPC``; ``EFBIG``:
+        reserved (``ENOMEM``: not enough memory, or a memory cgroup at its limit;
+        ``ENOSPC``: a full ``/dev/shm``, for a named channel; ``EFBIG``:
         ``RLIMIT_FSIZE``); nothing is left behind
 
     The channel maps and reserves about ``capacity * (max_message_size + 256)`` bytes
@@ -801,19 +886,67 @@ class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):
     """
 
     def __new__(  # type: ignore[misc]
-        cls, capacity: int = 16, max_message_size: int = 65536
+        cls,
+        capacity: int = 16,
+        max_message_size: int = 65536,
+        *,
+        name: str | None = None,
+        mode: int = 0o600,
     ) -> tuple[SendChannel[T], ReceiveChannel[T]]:
+        transport = None if name is None else _names.dispatch(name)
+        if transport is not None:
+            return transport(  # type: ignore[no-any-return]
+                "open", name, capacity=capacity, max_message_size=max_message_size, mode=mode
+            )
         sizes: list[int] = []
-        for name, value in (("capacity", capacity), ("max_message_size", max_message_size)):
+        for what, value in (("capacity", capacity), ("max_message_size", max_message_size)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+                raise TypeError(f"{what} must be an integer, not {type(value).__name__}")
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, not {value}")
+                raise ValueError(f"{what} must be at least 1, not {value}")
             sizes.append(int(value))
         capacity, max_message_size = sizes
         if not supported():
             raise OSError("aioshm needs Linux (robust process-shared mutexes)")
-        queue = SlotQueue.create(capacity, max_message_size)
+        queue: SlotQueue
+        if name is None:
+            queue = SlotQueue.create(capacity, max_message_size)
+            entry = queue.register((1, 1))
+        else:
+            queue, entry = _names.create_queue(name, capacity, max_message_size, mode)
         channel = _Channel(queue)
-        entry = queue.register((1, 1))
         return SendChannel[T](channel, entry), ReceiveChannel[T](channel, entry)
+
+
+def _connect(name: str, side: int, timeout: float) -> _Handle:
+    transport = _names.dispatch(name)
+    cls = SendChannel if side == SEND else ReceiveChannel
+    if transport is not None:
+        op = "send" if side == SEND else "receive"
+        return transport(op, name, timeout=timeout)  # type: ignore[no-any-return]
+    if not supported():
+        raise OSError("aioshm needs Linux (robust process-shared mutexes)")
+    queue, entry = _names.connect_queue(name, (1, 0) if side == SEND else (0, 1), timeout)
+    channel = _Channel.lookup(int(queue.segment.ctl[UID])) or _Channel(queue)
+    return cls(channel, _ownership.merge_into_mine(channel.queue, entry))
+
+
+def connect_send(name: str, timeout: float = 0) -> SendChannel[Any]:
+    """A new send handle of the channel named ``name``, owned by this process, as if it
+    had been passed in: close it when done.
+
+    :param timeout: how long to wait, in seconds, for the channel to be created (for a
+        producer that may start before the channel's creator). It blocks the calling
+        thread meanwhile; from async code with a timeout, call it through
+        ``anyio.to_thread.run_sync``.
+    :raises FileNotFoundError: no live channel has that name (within ``timeout``)
+    :raises PermissionError: the channel belongs to another user, whose ``mode`` does
+        not let this one join
+    :raises ValueError: the name is malformed
+    """
+    return cast(SendChannel[Any], _connect(name, SEND, timeout))
+
+
+def connect_receive(name: str, timeout: float = 0) -> ReceiveChannel[Any]:
+    """A new receive handle of the channel named ``name``; see :func:`connect_send`."""
+    return cast(ReceiveChannel[Any], _connect(name, RECV, timeout))

@@ -75,6 +75,7 @@ UID = 16
 SWEPT_AT = 22  # monotonic ns when the last liveness sweep began (one sweep per interval)
 SWEEPS = 24  # liveness sweeps done, by every process
 TIMED_OUT = 25  # sleeps on a bell that ended by timeout, in every process
+RETIRED = 30  # a named object: 1 once no process holds it (its name is being removed)
 _CTL_FIELDS = 32
 
 # Slot table fields.
@@ -160,14 +161,11 @@ class Segment:
     address: int
 
     def __init__(self, fd: int, layout: Layout) -> None:
-        """Map all of ``fd``, which the segment owns from now on (closed on failure)."""
-        try:
-            buf = mmap.mmap(fd, layout.size)
-        except BaseException:
-            os.close(fd)
-            raise
+        """Map all of ``fd``, which the segment owns once this returns (and closes)."""
+        buf = mmap.mmap(fd, layout.size)
         self.fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
+        self._finalizer.atexit = False  # exit closes it anyway; atexit hooks may need it
         if layout.size >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
             # Large slots copy faster with fewer TLB misses, where the system lets shared
             # memory use huge pages (transparent_hugepage/shmem_enabled "advise"). Only a
@@ -244,25 +242,29 @@ class Segment:
     @classmethod
     def create(cls, capacity: int, max_message_size: int, fd: int | None = None) -> Segment:
         """A new segment with a mapping of its own, every page reserved: in a new
-        ``memfd``, or in ``fd`` (an empty file, for a named channel), which it takes over
-        and closes on failure (the caller unlinks the file).
+        ``memfd``, or in ``fd`` (an empty file, for a named channel), which the segment
+        takes over if this succeeds; on failure, ``fd`` stays the caller's to close.
 
         :raises OSError: the memory is not there (e.g. ``ENOMEM`` from the memory
             cgroup's limit, ``ENOSPC`` from a full tmpfs); nothing is left behind
         """
         layout = Layout(capacity, max_message_size)
+        own = fd is None
         if fd is None:
             fd = reserve_shared_memory(layout.size)
         else:
-            try:
-                reserve_shared_memory(layout.size, fd)
-            except BaseException:
+            reserve_shared_memory(layout.size, fd)
+        try:
+            seg = cls(fd, layout)
+        except BaseException:
+            if own:
                 os.close(fd)
-                raise
-        seg = cls(fd, layout)
+            raise
         try:
             seg.format()
         except BaseException:
+            if not own:
+                seg._finalizer.detach()
             seg._unmap()
             raise
         return seg
@@ -281,7 +283,8 @@ class Segment:
 
     @classmethod
     def _attach(cls, fd: Any) -> Segment:
-        """Map a segment handed over at process start (in a spawned child)."""
+        """Map the segment in ``fd`` (handed over at process start, or opened by name),
+        which it takes over: on failure, ``fd`` is closed."""
         fd = fd.detach() if hasattr(fd, "detach") else fd
         try:
             head = mmap.mmap(fd, mmap.PAGESIZE)
@@ -289,10 +292,10 @@ class Segment:
                 layout = cls.read_layout(head)
             finally:
                 head.close()
+            return cls(fd, layout)
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, layout)
 
     def payload_address(self, slot: int) -> int:
         """The address of a slot's first byte in this process."""

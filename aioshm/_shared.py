@@ -256,8 +256,9 @@ class SharedObject:
         self._procs[base + P_START] = started
         return entry
 
-    def reserve(self, opened: tuple[int, int], popen: object) -> tuple[int, int]:
-        """Reserve an entry for a child being started by ``popen``.
+    def reserve(self, opened: tuple[int, int], popen: object | None) -> tuple[int, int]:
+        """Reserve an entry for a child being started by ``popen`` (or, if ``None``, for
+        whichever process unpickles a handle pickled now).
 
         The child claims it with :meth:`claim_reservation`. Until then the entry lives as
         long as this process does, and once the child's pid is known, as long as the child.
@@ -274,8 +275,9 @@ class SharedObject:
             return entry
 
         entry = self.locked(reserve_locked)
-        with self._local:
-            self._pending[entry] = (nonce, weakref.ref(popen))
+        if popen is not None:  # otherwise this process vouches until it is claimed
+            with self._local:
+                self._pending[entry] = (nonce, weakref.ref(popen))
         return entry, nonce
 
     def claim_reservation(self, entry: int, nonce: int) -> bool:
