@@ -7,6 +7,7 @@ any process, on asyncio or trio. numpy arrays cross as raw bytes.
 
 from ._channel import (
     ChannelStatistics,
+    HandleHolder,
     ReceiveChannel,
     SendChannel,
     items_sent,
@@ -36,6 +37,7 @@ __all__ = [
     "Event",
     "EventStatistics",
     "FloatChannel",
+    "HandleHolder",
     "Lock",
     "LockStatistics",
     "RLock",

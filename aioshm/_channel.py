@@ -31,19 +31,25 @@ from types import TracebackType
 from typing import Any, Generic, NamedTuple, NoReturn, Self, TypeVar, cast
 
 import numpy as np
-from anyio import BrokenResourceError, ClosedResourceError, WouldBlock
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.lowlevel import checkpoint
 
 from . import _ownership
-from ._codec import Message, copy_into, decode, encode, loan_layout, view
+from ._codec import Message, copy_into, decode, encode, loan_layout, too_large_advice, view
 from ._layout import HEADER_RESERVE
 from ._posix import Reentered, supported
 from ._shared import RECV, SEND
 from ._slotqueue import SlotQueue
 from ._wait import Hub
 
-__all__ = ["ChannelStatistics", "ReceiveChannel", "SendChannel", "open_channel"]
+__all__ = [
+    "ChannelStatistics",
+    "HandleHolder",
+    "ReceiveChannel",
+    "SendChannel",
+    "open_channel",
+]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -82,6 +88,21 @@ class ChannelStatistics(NamedTuple):
     """Slots taken back from processes that died holding them (their message unsent)."""
     redelivered_messages: int
     """Messages queued again because the process reading them died."""
+
+
+class HandleHolder(NamedTuple):
+    """A process holding handles to a channel: a row of :meth:`SendChannel.holders`."""
+
+    pid: int
+    """The process; 0 for a child being started whose pid is not known yet."""
+    send_handles: int
+    """Open send handles it holds."""
+    receive_handles: int
+    """Open receive handles it holds."""
+    reserved_by: int | None
+    """``None`` for a process that holds its handles; for handles passed to a child that
+    has not taken them yet (it is still starting), the pid of the process that passed
+    them."""
 
 
 class _Channel:
@@ -257,6 +278,27 @@ class _Handle:
             redelivered_messages=counters.redelivered,
         )
 
+    def holders(self) -> list[HandleHolder]:
+        """Which processes hold handles to this channel, and how many of each side.
+
+        One row per process, this one included, ordered by pid; processes found dead
+        are swept out first. The answer to "why does my ``async for`` never end?": a row
+        with ``send_handles`` greater than 0 is a process keeping the stream open. It
+        works on any handle, open or closed, of the channel.
+        """
+        counts: dict[tuple[int, int | None], list[int]] = {}
+        for pid, sends, receives, reserved_by in self._queue.holders():
+            if sends or receives:
+                row = counts.setdefault((pid, reserved_by or None), [0, 0])
+                row[0] += sends
+                row[1] += receives
+        return [
+            HandleHolder(pid, sends, receives, reserved_by)
+            for (pid, reserved_by), (sends, receives) in sorted(
+                counts.items(), key=lambda item: (item[0][0], item[0][1] or 0)
+            )
+        ]
+
     def _block(self, attempt: Any, timeout: float | None) -> Any:
         blocking = self._channel.blocking
         blocking[self._side] += 1
@@ -381,8 +423,10 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         message = encode(item, self._limit)
         try:
             self._queue.try_put(self._entry, message)
+            return
         except WouldBlock:
-            await self._hub.retry(functools.partial(self._put, message), self)
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        await self._hub.retry(functools.partial(self._put, message), self)
 
     def send_blocking(self, item: T_contra, timeout: float | None = None) -> None:
         """Send ``item`` from code with no event loop, waiting up to ``timeout`` seconds.
@@ -420,10 +464,10 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
             while sent < len(batch):
                 try:
                     sent += self._put_many(batch, sent)
+                    continue
                 except WouldBlock:
-                    sent += await self._hub.retry(
-                        functools.partial(self._put_many, batch, sent), self
-                    )
+                    pass
+                sent += await self._hub.retry(functools.partial(self._put_many, batch, sent), self)
         except BaseException as exc:
             if sent:
                 _note_partial(exc, sent)
@@ -496,7 +540,8 @@ class _Loan:
             raise ValueError(
                 f"an array of shape {self._shape} and dtype {self._dtype} encodes to "
                 f"{self._length - HEADER_RESERVE} bytes, more than the channel's "
-                f"max_message_size of {limit} bytes"
+                f"max_message_size of {limit} bytes. "
+                f"{too_large_advice(self._length - HEADER_RESERVE)}"
             )
         self._timeout = timeout
         self._slot = -1
@@ -525,10 +570,10 @@ class _Loan:
         tx = self._tx
         await tx._tick()
         try:
-            slot = tx._claim_slot()
+            return self._open(tx._claim_slot())
         except WouldBlock:
-            slot = await tx._hub.retry(tx._claim_slot, tx)
-        return self._open(slot)
+            pass
+        return self._open(await tx._hub.retry(tx._claim_slot, tx))
 
     async def __aexit__(
         self,
@@ -604,7 +649,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         try:
             return self._queue.try_get(self._entry, decode)  # type: ignore[no-any-return]
         except WouldBlock:
-            return await self._hub.retry(self._get, self)
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        return await self._hub.retry(self._get, self)
 
     recv = receive
     """An alias of :meth:`receive`."""
@@ -641,7 +687,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         try:
             return attempt()
         except WouldBlock:
-            return await self._hub.retry(attempt, self)
+            pass
+        return await self._hub.retry(attempt, self)
 
     def _get_many(self, max_items: int) -> list[T_co]:
         if not self._usable:
@@ -669,6 +716,25 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         """
         return _View(self)
 
+    def views(self) -> _Views:
+        """Iterate over array messages without copying them:
+        ``async for frame in rx.views():``.
+
+        Each ``frame`` is what :meth:`recv_view` would give: a read-only array onto its
+        slot in shared memory. It is valid until the next iteration, which releases its
+        slot before waiting for the next message. The loop ends when the stream does.
+        Leaving the loop in any other way (``break``, an exception, a cancellation)
+        releases the last view's slot as the loop drops the iterator; if you keep a
+        reference to the iterator, call its ``close()`` to release it.
+
+        Raises as :meth:`recv_view`, except that the end of the stream ends the loop.
+
+        Cancellation: as :meth:`recv_view`'s: only the wait for the next message is a
+        cancellation point; if cancelled there, nothing was received, and the previous
+        view had already been released.
+        """
+        return _Views(self)
+
     async def recv_into(self, out: Array) -> Array:
         """Receive an array message into ``out`` and return ``out``.
 
@@ -681,10 +747,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         Cancellation: if cancelled, nothing was received.
         """
         await self._tick()
-        try:
-            slot, message = self._take()
-        except WouldBlock:
-            slot, message = await self._hub.retry(self._take, self)
+        slot, message = await self._take_waiting()
         try:
             copy_into(message, out)
         except BaseException:
@@ -698,6 +761,14 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             self._raise_unusable()
         return self._queue.take(self._entry)
 
+    async def _take_waiting(self) -> tuple[int, memoryview]:
+        """Take the next message's slot, waiting for one: the only cancellation point."""
+        try:
+            return self._take()
+        except WouldBlock:
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        return await self._hub.retry(self._take, self)
+
 
 class _View:
     """A received message held in its slot (see :meth:`ReceiveChannel.recv_view`)."""
@@ -709,10 +780,7 @@ class _View:
     async def __aenter__(self) -> Array:
         rx = self._rx
         await rx._tick()
-        try:
-            slot, message = rx._take()
-        except WouldBlock:
-            slot, message = await rx._hub.retry(rx._take, rx)
+        slot, message = await rx._take_waiting()
         try:
             array = view(message)
         except BaseException:
@@ -727,7 +795,47 @@ class _View:
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
+        self._release()
+
+    def _release(self) -> None:
         self._rx._queue.release(self._slot)
+
+
+class _Views:
+    """``async for`` over views (see :meth:`ReceiveChannel.views`)."""
+
+    def __init__(self, rx: ReceiveChannel[Any]) -> None:
+        self._rx = rx
+        self._held: _View | None = None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Array:
+        self.close()
+        held = _View(self._rx)
+        try:
+            array = await held.__aenter__()
+        except EndOfStream:
+            raise StopAsyncIteration from None
+        self._held = held
+        return array
+
+    def close(self) -> None:
+        """Release the slot of the last view given. Idempotent."""
+        held, self._held = self._held, None
+        if held is not None:
+            held._release()
+
+    def __del__(self) -> None:
+        # The loop that iterated was left (break, exception, cancellation) and dropped
+        # this iterator: give the last view's slot back.
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            try:
+                held._release()
+            except Reentered:  # a finalizer inside this thread's critical section
+                self._rx._queue.defer(held._release)
 
 
 class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):
