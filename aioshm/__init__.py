@@ -13,6 +13,7 @@ from ._channel import (
     items_sent,
     open_channel,
 )
+from ._child import run_child
 from ._float_channel import FloatChannel
 from ._sync import (
     BoundedSemaphore,
@@ -52,5 +53,6 @@ __all__ = [
     "Value",
     "items_sent",
     "open_channel",
+    "run_child",
 ]
 __version__ = "0.1.0"
