@@ -604,8 +604,10 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
     owns a handle of its own. It is an ``anyio.abc.ObjectReceiveStream``, and a context
     manager, sync or async, that closes it.
 
-    ``recv``, ``recv_nowait`` and ``receive_blocking`` are aliases of :meth:`receive`,
-    :meth:`receive_nowait` and :meth:`recv_blocking`.
+    ``receive``, ``receive_nowait`` and ``receive_blocking`` are aliases of
+    :meth:`recv`, :meth:`recv_nowait` and :meth:`recv_blocking`: ``receive`` is the
+    name that ``anyio.abc.ObjectReceiveStream`` requires, ``recv`` the one these docs
+    use.
     """
 
     _side = RECV
@@ -615,7 +617,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             self._raise_unusable()
         return self._queue.try_get(self._entry, decode)  # type: ignore[no-any-return]
 
-    def receive_nowait(self) -> T_co:
+    def recv_nowait(self) -> T_co:
         """Receive the oldest message if there is one, without waiting.
 
         :raises anyio.WouldBlock: nothing is buffered
@@ -627,13 +629,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         """
         return self._get()
 
-    recv_nowait = receive_nowait
-    """An alias of :meth:`receive_nowait`."""
+    receive_nowait = recv_nowait
 
-    async def receive(self) -> T_co:
+    async def recv(self) -> T_co:
         """Receive the oldest message, waiting for one if none is buffered.
 
-        Raises as :meth:`receive_nowait` does (but never ``WouldBlock``), including
+        Raises as :meth:`recv_nowait` does (but never ``WouldBlock``), including
         ``ClosedResourceError`` if this handle is closed while the call waits.
 
         Cancellation: only the wait is a cancellation point; if cancelled, nothing was
@@ -652,22 +653,20 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             pass  # wait outside the handler: nothing raised later chains to WouldBlock
         return await self._hub.retry(self._get, self)
 
-    recv = receive
-    """An alias of :meth:`receive`."""
+    receive = recv
 
     def recv_blocking(self, timeout: float | None = None) -> T_co:
         """Receive from code with no event loop, waiting up to ``timeout`` seconds.
 
         :raises TimeoutError: nothing arrived in time (nothing was received)
 
-        Otherwise raises as :meth:`receive_nowait`, including ``ClosedResourceError``
+        Otherwise raises as :meth:`recv_nowait`, including ``ClosedResourceError``
         if another thread closes this handle while the call waits. Do not call it from
         an event loop's thread: it blocks the thread.
         """
         return self._block(self._get, timeout)  # type: ignore[no-any-return]
 
     receive_blocking = recv_blocking
-    """An alias of :meth:`recv_blocking`."""
 
     async def recv_many(self, max_items: int) -> list[T_co]:
         """Receive between 1 and ``max_items`` messages, in one locked round where they
@@ -675,7 +674,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
         :raises ValueError: ``max_items`` is less than 1
 
-        Otherwise raises as :meth:`receive`: ``EndOfStream`` only when nothing at all is
+        Otherwise raises as :meth:`recv`: ``EndOfStream`` only when nothing at all is
         left to receive.
 
         Cancellation: if cancelled, nothing was received.
@@ -698,7 +697,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
     def recv_view(self) -> _View:
         """Receive an array message without copying it.
 
-        ``async with rx.recv_view() as arr:`` waits like :meth:`receive`, then yields a
+        ``async with rx.recv_view() as arr:`` waits like :meth:`recv`, then yields a
         read-only array onto the slot in shared memory; the slot is released when the
         block exits, however it exits. A bytes message comes as a 1-d ``uint8`` array.
 
@@ -707,9 +706,9 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         once the block is entered: if the block raises, it is not put back.
 
         :raises TypeError: the next message is a pickled object; it stays at the head of
-            the channel for :meth:`receive`
+            the channel for :meth:`recv`
 
-        Otherwise raises as :meth:`receive` (``EndOfStream`` once the stream has ended).
+        Otherwise raises as :meth:`recv` (``EndOfStream`` once the stream has ended).
 
         Cancellation: only the wait, on entering, is a cancellation point; if cancelled
         there, nothing was received.
@@ -742,7 +741,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         :raises TypeError: the next message is not an array or bytes
 
         Either way the message stays at the head of the channel. Otherwise raises as
-        :meth:`receive`.
+        :meth:`recv`.
 
         Cancellation: if cancelled, nothing was received.
         """

@@ -7,6 +7,7 @@ import multiprocessing.context
 import os
 import re
 import signal
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -216,3 +217,23 @@ def test_oversize_error_says_what_to_do() -> None:
     with tx, rx:
         tx.send_nowait(list(range(500)))
         assert rx.recv_nowait() == list(range(500))
+
+
+# ---------------------------------------------------------------- one name in the docs
+
+
+def test_recv_is_the_documented_name_and_receive_its_alias() -> None:
+    rx_class = aioshm.ReceiveChannel
+    assert rx_class.receive is rx_class.recv
+    assert rx_class.receive_nowait is rx_class.recv_nowait
+    assert rx_class.receive_blocking is rx_class.recv_blocking
+    assert rx_class.recv.__name__ == "recv"  # the API reference documents it as recv
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    sources = sorted((root / "aioshm").glob("*.py"))
+    wrong = re.compile(r"\.receive(_nowait|_blocking)?\(|:meth:`[\w.]*receive(_nowait|_blocking)?`")
+    for path in pages + sources:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not wrong.search(line), f"{path.name}:{number} says receive: {line}"
+    # the alias is documented once, in the class docstring
+    assert "aliases" in (rx_class.__doc__ or "") and "``receive``" in (rx_class.__doc__ or "")
