@@ -15,15 +15,15 @@ import aioshm
 
 pytestmark = pytest.mark.timeout(120)
 
-# The parent (on trio) consumes what two children send until Ctrl-C; then it closes
+# The parent (on asyncio) consumes what two children send until Ctrl-C; then it closes
 # its handle, and the children, whose next send raises BrokenResourceError, return.
 PROGRAM = """
+import asyncio
 import multiprocessing
 import os
 import sys
 
 import anyio
-import trio
 
 import aioshm
 
@@ -60,7 +60,9 @@ if __name__ == "__main__":
         proc.start()
     tx.close()
     try:
-        trio.run(consume, rx)
+        # asyncio turns SIGINT into a cancellation at an await, then raises
+        # KeyboardInterrupt; trio would raise it at any bytecode of the parent
+        asyncio.run(consume(rx))
     except KeyboardInterrupt:
         print("parent: Ctrl-C", flush=True)
     rx.close()  # the parent decides: the children stop
