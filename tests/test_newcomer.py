@@ -237,3 +237,34 @@ def test_recv_is_the_documented_name_and_receive_its_alias() -> None:
             assert not wrong.search(line), f"{path.name}:{number} says receive: {line}"
     # the alias is documented once, in the class docstring
     assert "aliases" in (rx_class.__doc__ or "") and "``receive``" in (rx_class.__doc__ or "")
+
+
+# ---------------------------------------------------------------- metadata on frames
+
+FRAME = np.dtype([("seq", "<u8"), ("time", "<f8"), ("pixels", "u1", (108, 192, 3))])
+
+
+@pytest.mark.anyio
+async def test_structured_loan_carries_metadata_with_the_frame() -> None:
+    """The cookbook's recipe: one record of a structured dtype, loaned with shape ()."""
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=FRAME.itemsize + 1024)
+    for seq in (7, 8):
+        async with tx.send_loan((), FRAME) as frame:
+            assert frame.shape == () and frame["pixels"].flags.writeable
+            frame["pixels"][...] = seq
+            frame["seq"] = seq
+            frame["time"] = 1.5
+    async with rx.recv_view() as frame:  # in place
+        assert inside_segment(rx, frame) and frame.dtype == FRAME
+        assert (int(frame["seq"]), float(frame["time"])) == (7, 1.5)
+        assert frame["pixels"].shape == (108, 192, 3) and frame["pixels"].min() == 7
+    copied = await rx.recv()  # or copied out
+    assert copied.dtype == FRAME and int(copied["seq"]) == 8
+    assert int(copied["pixels"].max()) == 8
+    assert intact(rx)
+    # without the room for the dtype's description, the error names the size needed
+    tx2, rx2 = aioshm.open_channel[Any](capacity=1, max_message_size=FRAME.itemsize)
+    with tx2, rx2, pytest.raises(ValueError, match=r"max_message_size=\d+\) or more"):
+        tx2.send_loan((), FRAME)
+    tx.close()
+    rx.close()
