@@ -32,7 +32,7 @@ def producer(tx: aioshm.SendChannel[np.ndarray], frames: int, shape: tuple[int, 
                     frame.fill(i % 256)  # stands in for decoding or rendering a frame
                 # leaving the block published the frame
 
-    asyncio.run(main())
+    aioshm.run_child(main)  # asyncio.run(main()), Ctrl-C left to the parent
     print(f"producer: sent {frames} frames", flush=True)
 
 
