@@ -15,6 +15,7 @@ from ._channel import (
 )
 from ._child import run_child
 from ._float_channel import FloatChannel
+from ._slotqueue import CorruptMessage, MessageDropped
 from ._sync import (
     BoundedSemaphore,
     Condition,
@@ -28,6 +29,7 @@ from ._sync import (
     SemaphoreStatistics,
 )
 from ._values import Array, RawArray, RawValue, SynchronizedArray, SynchronizedValue, Value
+from ._wait import HubFailed
 
 __all__ = [
     "Array",
@@ -35,12 +37,15 @@ __all__ = [
     "ChannelStatistics",
     "Condition",
     "ConditionStatistics",
+    "CorruptMessage",
     "Event",
     "EventStatistics",
     "FloatChannel",
     "HandleHolder",
+    "HubFailed",
     "Lock",
     "LockStatistics",
+    "MessageDropped",
     "RLock",
     "RawArray",
     "RawValue",
