@@ -710,7 +710,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
         :raises ValueError: ``max_items`` is less than 1
         :raises aioshm.MessageDropped: some messages of the batch could not be decoded
-            and were dropped (see :meth:`receive`); the others were received all the
+            and were dropped (see :meth:`recv`); the others were received all the
             same and are in its ``received`` list, in order: ``except MessageDropped as
             exc: items = exc.received``
 
@@ -748,7 +748,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         entered: if the block raises, it is not put back.
 
         :raises aioshm.MessageDropped: the message was corrupt; it is dropped (see
-            :meth:`receive`)
+            :meth:`recv`)
 
         :raises TypeError: the next message is a pickled object; it stays at the head of
             the channel for :meth:`recv`
