@@ -7,6 +7,7 @@ any process, on asyncio or trio. numpy arrays cross as raw bytes.
 
 from ._channel import (
     ChannelStatistics,
+    HandleHolder,
     ReceiveChannel,
     SendChannel,
     connect_receive,
@@ -14,6 +15,7 @@ from ._channel import (
     items_sent,
     open_channel,
 )
+from ._child import run_child
 from ._float_channel import FloatChannel
 from ._slotqueue import CorruptMessage, MessageDropped
 from ._sync import (
@@ -41,6 +43,7 @@ __all__ = [
     "Event",
     "EventStatistics",
     "FloatChannel",
+    "HandleHolder",
     "HubFailed",
     "Lock",
     "LockStatistics",
@@ -59,5 +62,6 @@ __all__ = [
     "connect_send",
     "items_sent",
     "open_channel",
+    "run_child",
 ]
 __version__ = "0.1.0"

@@ -35,13 +35,13 @@ from types import TracebackType
 from typing import Any, Generic, NamedTuple, NoReturn, Self, TypeVar, cast
 
 import numpy as np
-from anyio import BrokenResourceError, ClosedResourceError, WouldBlock
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.lowlevel import checkpoint
 
 from . import _names, _ownership
 from ._checkpoint import YIELD_EVERY, cancel_pending
-from ._codec import Message, copy_into, decode, encode, loan_layout, view
+from ._codec import Message, copy_into, decode, encode, loan_layout, too_large_advice, view
 from ._layout import HEADER_RESERVE, UID
 from ._posix import Reentered, supported
 from ._shared import RECV, SEND
@@ -50,6 +50,7 @@ from ._wait import Hub
 
 __all__ = [
     "ChannelStatistics",
+    "HandleHolder",
     "ReceiveChannel",
     "SendChannel",
     "connect_receive",
@@ -95,6 +96,21 @@ class ChannelStatistics(NamedTuple):
     """Messages taken off the channel because they could not be received (decoding
     failed, or the message was corrupt); each raised :class:`aioshm.MessageDropped` in
     the receiver that took it."""
+
+
+class HandleHolder(NamedTuple):
+    """A process holding handles to a channel: a row of :meth:`SendChannel.holders`."""
+
+    pid: int
+    """The process; 0 for a child being started whose pid is not known yet."""
+    send_handles: int
+    """Open send handles it holds."""
+    receive_handles: int
+    """Open receive handles it holds."""
+    reserved_by: int | None
+    """``None`` for a process that holds its handles; for handles passed to a child that
+    has not taken them yet (it is still starting), the pid of the process that passed
+    them."""
 
 
 class _Channel:
@@ -296,6 +312,27 @@ class _Handle:
             dropped_messages=counters.dropped,
         )
 
+    def holders(self) -> list[HandleHolder]:
+        """Which processes hold handles to this channel, and how many of each side.
+
+        One row per process, this one included, ordered by pid; processes found dead
+        are swept out first. The answer to "why does my ``async for`` never end?": a row
+        with ``send_handles`` greater than 0 is a process keeping the stream open. It
+        works on any handle, open or closed, of the channel.
+        """
+        counts: dict[tuple[int, int | None], list[int]] = {}
+        for pid, sends, receives, reserved_by in self._queue.holders():
+            if sends or receives:
+                row = counts.setdefault((pid, reserved_by or None), [0, 0])
+                row[0] += sends
+                row[1] += receives
+        return [
+            HandleHolder(pid, sends, receives, reserved_by)
+            for (pid, reserved_by), (sends, receives) in sorted(
+                counts.items(), key=lambda item: (item[0][0], item[0][1] or 0)
+            )
+        ]
+
     def _block(self, attempt: Any, timeout: float | None) -> Any:
         blocking = self._channel.blocking
         blocking[self._side] += 1
@@ -476,8 +513,10 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         message = encode(item, self._limit)
         try:
             self._queue.try_put(self._entry, message)
+            return
         except WouldBlock:
-            await self._hub.retry(functools.partial(self._put, message), self)
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        await self._hub.retry(functools.partial(self._put, message), self)
 
     def send_blocking(self, item: T_contra, timeout: float | None = None) -> None:
         """Send ``item`` from code with no event loop, waiting up to ``timeout`` seconds.
@@ -516,10 +555,10 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
             while sent < len(batch):
                 try:
                     sent += self._put_many(batch, sent)
+                    continue
                 except WouldBlock:
-                    sent += await self._hub.retry(
-                        functools.partial(self._put_many, batch, sent), self
-                    )
+                    pass
+                sent += await self._hub.retry(functools.partial(self._put_many, batch, sent), self)
         except BaseException as exc:
             if sent:
                 _note_partial(exc, sent)
@@ -602,7 +641,8 @@ class _Loan:
             raise ValueError(
                 f"an array of shape {self._shape} and dtype {self._dtype} encodes to "
                 f"{self._length - HEADER_RESERVE} bytes, more than the channel's "
-                f"max_message_size of {limit} bytes"
+                f"max_message_size of {limit} bytes. "
+                f"{too_large_advice(self._length - HEADER_RESERVE)}"
             )
         self._timeout = timeout
         self._slot = -1
@@ -631,10 +671,10 @@ class _Loan:
         tx = self._tx
         await tx._tick()
         try:
-            slot = tx._claim_slot()
+            return self._open(tx._claim_slot())
         except WouldBlock:
-            slot = await tx._hub.retry(tx._claim_slot, tx)
-        return self._open(slot)
+            pass
+        return self._open(await tx._hub.retry(tx._claim_slot, tx))
 
     async def __aexit__(
         self,
@@ -665,8 +705,10 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
     name with :func:`connect_receive`. It is an ``anyio.abc.ObjectReceiveStream``, and a
     context manager, sync or async, that closes it.
 
-    ``recv``, ``recv_nowait`` and ``receive_blocking`` are aliases of :meth:`receive`,
-    :meth:`receive_nowait` and :meth:`recv_blocking`.
+    ``receive``, ``receive_nowait`` and ``receive_blocking`` are aliases of
+    :meth:`recv`, :meth:`recv_nowait` and :meth:`recv_blocking`: ``receive`` is the
+    name that ``anyio.abc.ObjectReceiveStream`` requires, ``recv`` the one these docs
+    use.
     """
 
     _side = RECV
@@ -676,7 +718,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             self._raise_unusable()
         return self._queue.try_get(self._entry, decode)  # type: ignore[no-any-return]
 
-    def receive_nowait(self) -> T_co:
+    def recv_nowait(self) -> T_co:
         """Receive the oldest message if there is one, without waiting.
 
         :raises anyio.WouldBlock: nothing is buffered
@@ -688,13 +730,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         """
         return self._get()
 
-    recv_nowait = receive_nowait
-    """An alias of :meth:`receive_nowait`."""
+    receive_nowait = recv_nowait
 
-    async def receive(self) -> T_co:
+    async def recv(self) -> T_co:
         """Receive the oldest message, waiting for one if none is buffered.
 
-        Raises as :meth:`receive_nowait` does (but never ``WouldBlock``), including
+        Raises as :meth:`recv_nowait` does (but never ``WouldBlock``), including
         ``ClosedResourceError`` if this handle is closed while the call waits.
 
         Cancellation: the call is a cancel point, and so is the wait; if cancelled,
@@ -717,24 +758,23 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         try:
             return self._queue.try_get(self._entry, decode)  # type: ignore[no-any-return]
         except WouldBlock:
-            return await self._hub.retry(self._get, self)
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        return await self._hub.retry(self._get, self)
 
-    recv = receive
-    """An alias of :meth:`receive`."""
+    receive = recv
 
     def recv_blocking(self, timeout: float | None = None) -> T_co:
         """Receive from code with no event loop, waiting up to ``timeout`` seconds.
 
         :raises TimeoutError: nothing arrived in time (nothing was received)
 
-        Otherwise raises as :meth:`receive_nowait`, including ``ClosedResourceError``
+        Otherwise raises as :meth:`recv_nowait`, including ``ClosedResourceError``
         if another thread closes this handle while the call waits. Do not call it from
         an event loop's thread: it blocks the thread.
         """
         return self._block(self._get, timeout)  # type: ignore[no-any-return]
 
     receive_blocking = recv_blocking
-    """An alias of :meth:`recv_blocking`."""
 
     async def recv_many(self, max_items: int) -> list[T_co]:
         """Receive between 1 and ``max_items`` messages, in one locked round where they
@@ -742,11 +782,11 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
         :raises ValueError: ``max_items`` is less than 1
         :raises aioshm.MessageDropped: some messages of the batch could not be decoded
-            and were dropped (see :meth:`receive`); the others were received all the
+            and were dropped (see :meth:`recv`); the others were received all the
             same and are in its ``received`` list, in order: ``except MessageDropped as
             exc: items = exc.received``
 
-        Otherwise raises as :meth:`receive`: ``EndOfStream`` only when nothing at all is
+        Otherwise raises as :meth:`recv`: ``EndOfStream`` only when nothing at all is
         left to receive.
 
         Cancellation: if cancelled, nothing was received.
@@ -758,7 +798,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         try:
             return attempt()
         except WouldBlock:
-            return await self._hub.retry(attempt, self)
+            pass
+        return await self._hub.retry(attempt, self)
 
     def _get_many(self, max_items: int) -> list[T_co]:
         if not self._usable:
@@ -768,7 +809,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
     def recv_view(self) -> _View:
         """Receive an array message without copying it.
 
-        ``async with rx.recv_view() as arr:`` waits like :meth:`receive`, then yields a
+        ``async with rx.recv_view() as arr:`` waits like :meth:`recv`, then yields a
         read-only array onto the slot in shared memory; the slot is released when the
         block exits, however it exits. A bytes message comes as a 1-d ``uint8`` array.
 
@@ -779,17 +820,36 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         entered: if the block raises, it is not put back.
 
         :raises aioshm.MessageDropped: the message was corrupt; it is dropped (see
-            :meth:`receive`)
+            :meth:`recv`)
 
         :raises TypeError: the next message is a pickled object; it stays at the head of
-            the channel for :meth:`receive`
+            the channel for :meth:`recv`
 
-        Otherwise raises as :meth:`receive` (``EndOfStream`` once the stream has ended).
+        Otherwise raises as :meth:`recv` (``EndOfStream`` once the stream has ended).
 
         Cancellation: only entering is a cancellation point (the start, and the wait);
         if cancelled there, nothing was received.
         """
         return _View(self)
+
+    def views(self) -> _Views:
+        """Iterate over array messages without copying them:
+        ``async for frame in rx.views():``.
+
+        Each ``frame`` is what :meth:`recv_view` would give: a read-only array onto its
+        slot in shared memory. It is valid until the next iteration, which releases its
+        slot before waiting for the next message. The loop ends when the stream does.
+        Leaving the loop in any other way (``break``, an exception, a cancellation)
+        releases the last view's slot as the loop drops the iterator; if you keep a
+        reference to the iterator, call its ``close()`` to release it.
+
+        Raises as :meth:`recv_view`, except that the end of the stream ends the loop.
+
+        Cancellation: as :meth:`recv_view`'s: only the wait for the next message is a
+        cancellation point; if cancelled there, nothing was received, and the previous
+        view had already been released.
+        """
+        return _Views(self)
 
     async def recv_into(self, out: Array) -> Array:
         """Receive an array message into ``out`` and return ``out``.
@@ -798,15 +858,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         :raises TypeError: the next message is not an array or bytes
 
         Either way the message stays at the head of the channel. Otherwise raises as
-        :meth:`receive`.
+        :meth:`recv`.
 
         Cancellation: if cancelled, nothing was received.
         """
         await self._tick()
-        try:
-            slot, message = self._take()
-        except WouldBlock:
-            slot, message = await self._hub.retry(self._take, self)
+        slot, message = await self._take_waiting()
         try:
             copy_into(message, out)
         except CorruptMessage as exc:
@@ -822,6 +879,14 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             self._raise_unusable()
         return self._queue.take(self._entry)
 
+    async def _take_waiting(self) -> tuple[int, memoryview]:
+        """Take the next message's slot, waiting for one: the only cancellation point."""
+        try:
+            return self._take()
+        except WouldBlock:
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        return await self._hub.retry(self._take, self)
+
 
 class _View:
     """A received message held in its slot (see :meth:`ReceiveChannel.recv_view`)."""
@@ -833,10 +898,7 @@ class _View:
     async def __aenter__(self) -> Array:
         rx = self._rx
         await rx._tick()
-        try:
-            slot, message = rx._take()
-        except WouldBlock:
-            slot, message = await rx._hub.retry(rx._take, rx)
+        slot, message = await rx._take_waiting()
         try:
             array = view(message)
         except CorruptMessage as exc:
@@ -853,7 +915,47 @@ class _View:
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
+        self._release()
+
+    def _release(self) -> None:
         self._rx._queue.release(self._slot)
+
+
+class _Views:
+    """``async for`` over views (see :meth:`ReceiveChannel.views`)."""
+
+    def __init__(self, rx: ReceiveChannel[Any]) -> None:
+        self._rx = rx
+        self._held: _View | None = None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Array:
+        self.close()
+        held = _View(self._rx)
+        try:
+            array = await held.__aenter__()
+        except EndOfStream:
+            raise StopAsyncIteration from None
+        self._held = held
+        return array
+
+    def close(self) -> None:
+        """Release the slot of the last view given. Idempotent."""
+        held, self._held = self._held, None
+        if held is not None:
+            held._release()
+
+    def __del__(self) -> None:
+        # The loop that iterated was left (break, exception, cancellation) and dropped
+        # this iterator: give the last view's slot back.
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            try:
+                held._release()
+            except Reentered:  # a finalizer inside this thread's critical section
+                self._rx._queue.defer(held._release)
 
 
 class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):

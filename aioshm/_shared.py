@@ -341,6 +341,28 @@ class SharedObject:
         """Open handles of ``side`` in all live processes (as last swept)."""
         return max(0, self._ctl[OPEN + side])
 
+    def holders(self) -> list[tuple[int, int, int, int]]:
+        """``(pid, send handles, receive handles, reserved by)`` for each entry of the
+        process table, after a sweep. ``pid`` is 0 for a child whose pid is not known yet;
+        ``reserved by`` is the pid of the process that passed handles to a child which
+        has not claimed them yet, else 0.
+        """
+        self.sweep(force=True)
+        return self.locked(self._holders_locked)
+
+    def _holders_locked(self) -> list[tuple[int, int, int, int]]:
+        procs = self._procs
+        rows = []
+        for entry in range(MAX_PROCS):
+            base = entry * PROC_FIELDS
+            kind = procs[base + P_KIND]
+            if kind == _K_FREE:
+                continue
+            reserved_by = procs[base + P_RES_PID] if kind == _K_RESERVED else 0
+            opened = procs[base + P_OPEN], procs[base + P_OPEN + 1]
+            rows.append((procs[base + P_PID], *opened, reserved_by))
+        return rows
+
     # ------------------------------------------------------------ liveness
 
     def sweep(self, force: bool = False) -> bool:
