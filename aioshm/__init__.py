@@ -13,6 +13,7 @@ from ._channel import (
     open_channel,
 )
 from ._float_channel import FloatChannel
+from ._slotqueue import CorruptMessage, MessageDropped
 from ._sync import (
     BoundedSemaphore,
     Condition,
@@ -26,6 +27,7 @@ from ._sync import (
     SemaphoreStatistics,
 )
 from ._values import Array, RawArray, RawValue, SynchronizedArray, SynchronizedValue, Value
+from ._wait import HubFailed
 
 __all__ = [
     "Array",
@@ -33,11 +35,14 @@ __all__ = [
     "ChannelStatistics",
     "Condition",
     "ConditionStatistics",
+    "CorruptMessage",
     "Event",
     "EventStatistics",
     "FloatChannel",
+    "HubFailed",
     "Lock",
     "LockStatistics",
+    "MessageDropped",
     "RLock",
     "RawArray",
     "RawValue",

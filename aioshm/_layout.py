@@ -64,10 +64,16 @@ HEAD = 4  # ring position of the oldest published message
 TAIL = 5  # ring position one past the newest
 NFREE = 6  # entries on the free stack
 OPEN = 8  # OPEN + direction: open handles over all live processes
-SLEEPERS = 10  # SLEEPERS + direction: threads registered on that direction's bell
+SLEEPERS = 10  # SLEEPERS + direction: registrations on that bell not yet answered by a post
+DROPPED = 12  # messages taken off the queue because they could not be received
+ENDED = 13  # 1 once a receiver was told the stream ended: final, no message comes after
 RECLAIMED = 14  # slots taken back from processes that died holding them
 REDELIVERED = 15  # messages put back because their receiver died reading them
 UID = 16
+# 17..21: the state of a lock, semaphore, event or condition (aioshm._sync).
+SWEPT_AT = 22  # monotonic ns when the last liveness sweep began (one sweep per interval)
+SWEEPS = 24  # liveness sweeps done, by every process
+TIMED_OUT = 25  # sleeps on a bell that ended by timeout, in every process
 _CTL_FIELDS = 32
 
 # Slot table fields.
@@ -85,7 +91,8 @@ P_OPEN = 3  # P_OPEN + direction
 P_RES_PID = 5  # the process that made a reservation for a child
 P_RES_START = 6
 P_NONCE = 7
-PROC_FIELDS = 8
+P_SLEEP = 8  # P_SLEEP + direction: this process's threads registered on that bell
+PROC_FIELDS = 10
 
 
 def _align(n: int) -> int:

@@ -10,11 +10,17 @@
 * **The process table**: which processes hold handles, how many of each side, and the
   reservations a parent makes for a child it is starting.
 * **Liveness sweeps**: a process found dead (pid gone, zombie, or pid reused) has its
-  handles closed and whatever it held given back (:meth:`_reclaim_locked`).
+  handles closed and whatever it held given back (:meth:`_reclaim_locked`). A process
+  whose liveness cannot be told (no ``/proc``, ``hidepid``, a sandbox) counts as alive
+  (:func:`aioshm._procs.probe`). Sweeps are shared: at most one per
+  :data:`SWEEP_INTERVAL` for the whole object, by whichever process finds one due, so
+  their total cost grows with the number of processes, not with its square.
 * **Doorbells**: two semaphores, one per side, on which threads sleep when they cannot
   proceed. Capacity is never counted by these semaphores, only by fields under the mutex,
   so a process that dies at any instant cannot take a permit with it. A sleeper registers
-  under the mutex, together with its readiness check, so no wake-up can be missed.
+  under the mutex, together with its readiness check, so no wake-up can be missed. See
+  :meth:`SharedObject.wait` for the bookkeeping, and for how sleepers take turns to
+  watch for deaths while everyone sleeps.
 
 Everything here is synchronous and needs no event loop.
 """
@@ -22,13 +28,14 @@ Everything here is synchronous and needs no event loop.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, Final
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final, NamedTuple, TypeVar
 
 from anyio import WouldBlock
 
@@ -42,13 +49,20 @@ from ._layout import (
     P_PID,
     P_RES_PID,
     P_RES_START,
+    P_SLEEP,
     P_START,
     PROC_FIELDS,
     SLEEPERS,
+    SWEEPS,
+    SWEPT_AT,
+    TIMED_OUT,
     Segment,
 )
+from ._posix import Reentered
+from ._posix import trylock as _trylock
+from ._posix import unlock as _unlock
 
-__all__ = ["INFINITE", "RANG", "RECV", "SEND", "SLICE", "SharedObject"]
+__all__ = ["INFINITE", "RANG", "RECV", "SEND", "SLICE", "SharedObject", "WaitCounters"]
 
 #: The two sides. A bell is named by the side it wakes.
 SEND: Final = 0
@@ -57,14 +71,40 @@ RECV: Final = 1
 INFINITE: Final = 1 << 40
 #: What :meth:`SharedObject.wait` returns when a bell woke it.
 RANG: Final = -1
-#: Longest single sleep on a bell; also the period of liveness sweeps by sleepers.
-SLICE: Final = 0.1
-#: Shortest interval between two liveness sweeps by one process.
-SWEEP_INTERVAL: Final = 0.1
+#: Shortest interval between two liveness sweeps of one object (by any process); also
+#: the shortest sleep on a bell before a sleeper wakes to see whether one is due.
+SWEEP_INTERVAL: Final = 0.3
+#: The sleepers of one object wake in turn, about one every ``SPACING`` seconds (see
+#: :meth:`SharedObject.wait`); so a dead peer is noticed within about
+#: ``SWEEP_INTERVAL + SPACING``, plus about ``SPACING`` for each sleeper next in turn
+#: that died with it.
+SPACING: Final = 0.07
+#: Longest single sleep on a bell.
+LONGEST_SLEEP: Final = 30.0
+#: Longest single sleep of a thread of ours that waits with no timeout (kept as a name
+#: for callers that bound their own waits by it).
+SLICE: Final = SWEEP_INTERVAL
+_SWEEP_NS: Final = int(SWEEP_INTERVAL * 1e9)
+
+R = TypeVar("R")
+#: "No argument" for :meth:`SharedObject.locked` (``None`` is an argument).
+_NO_ARG: Final[Any] = object()
 
 _K_FREE = 0
 _K_ACTIVE = 1
 _K_RESERVED = 2
+
+
+class WaitCounters(NamedTuple):
+    """The shared wait and liveness bookkeeping of one object (all processes)."""
+
+    sleepers: tuple[int, int]
+    """Per side: threads registered on the bell and not yet returned, counted as
+    registrations plus posts not yet taken (dead processes' registrations removed)."""
+    sweeps: int
+    """Liveness sweeps done."""
+    timed_out: int
+    """Sleeps on a bell that ended by timeout rather than by a post."""
 
 
 class SharedObject:
@@ -75,59 +115,106 @@ class SharedObject:
         self._ctl = segment.ctl
         self._procs = segment.procs
         self._bells = segment.bells
-        self._mutex_acquire = segment.mutex.acquire
-        self._mutex_release = segment.mutex.release
+        self._mutex = segment.mutex
+        self._mptr = segment.mutex.ptr
         self._reset_local()
         _live_objects.add(self)
 
     def _reset_local(self) -> None:
         """Process-local bookkeeping (reset in a forked child)."""
         self._pending: dict[int, tuple[int, weakref.ref[Any]]] = {}
-        self._next_sweep = 0.0
+        self._sleep_entry = -1  # where this process records its sleepers (a guess)
+        self._sleep_pid = 0  # ... and this process's pid, then
+        self._free_when_awake: set[int] = set()  # entries closed while a thread slept
         self._local = threading.Lock()
-        self._deferred: list[Callable[[], object]] = []
+        #: Actions to run once a thread's critical section ends, by thread.
+        self._deferred: dict[int, list[Callable[[], object]]] = {}
 
     # ------------------------------------------------------------------ the mutex
 
-    def _lock(self) -> None:
-        if self._mutex_acquire():  # the previous holder died mid-way
-            self._repair_locked()
-            self._deferred.append(self._sweep_after_owner_died)  # find out who, after
+    def locked(
+        self, body: Callable[..., R], a: Any = _NO_ARG, b: Any = _NO_ARG, c: Any = _NO_ARG
+    ) -> R:
+        """``body(a, b, c)`` with the mutex held: the one critical section of aioshm.
 
-    def _unlock(self) -> None:
-        self._mutex_release()
+        Up to three arguments, passed on as given (no ``*args``: packing them costs more
+        than the rest of the call).
+
+        If ``body`` raises, the state is repaired (:meth:`_repair_locked`) before the
+        mutex is released, so nothing is left half-done. This holds for asynchronous
+        exceptions too: a ``KeyboardInterrupt`` raised by a signal handler (or by trio)
+        at any bytecode. Python delivers those only after a call returns, at a loop's
+        jump back, or on entering a Python function; here every such point between the
+        ``trylock`` and the ``unlock`` lies inside the ``try``, and the ``unlock`` is a
+        C call made with no Python frame in between. The handler does not know how far
+        the acquisition got, so it asks the mutex (:meth:`RobustMutex.seize`) and
+        releases it if this thread holds it (a release by a non-owner is refused).
+        """
+        ptr = self._mptr
+        acquired = False
+        try:
+            result = _trylock(ptr)
+            if result:
+                self._lock_contended(result)
+            acquired = True
+            if a is _NO_ARG:
+                value = body()
+            elif b is _NO_ARG:
+                value = body(a)
+            elif c is _NO_ARG:
+                value = body(a, b)
+            else:
+                value = body(a, b, c)
+        except BaseException as exc:
+            if not acquired and type(exc) is Reentered:
+                raise  # the mutex belongs to this thread's outer critical section
+            try:
+                if self._mutex.seize():
+                    self._repair_locked()
+            finally:
+                _unlock(ptr)
+            raise
+        _unlock(ptr)
         if self._deferred:
             self._run_deferred()
+        return value
+
+    def critical(self) -> _CriticalSection:
+        """``with obj.critical():`` the same critical section as :meth:`locked`.
+
+        Prefer :meth:`locked`: a ``with`` block's ``__exit__`` is a Python function, and
+        an asynchronous exception delivered on entering it, after a block that completed,
+        would leave the mutex held. :meth:`locked` has no such instant.
+        """
+        return _CriticalSection(self)
+
+    def _lock_contended(self, result: int) -> None:
+        if self._mutex.acquire_contended(result):  # the previous holder died mid-way
+            self._repair_locked()
+            self.defer(self._sweep_after_owner_died)  # find out who, after
+
+    def _recover(self) -> None:
+        """After an exception inside a critical section: repair and release, if held."""
+        try:
+            if self._mutex.seize():
+                self._repair_locked()
+        finally:
+            _unlock(self._mptr)
 
     def defer(self, action: Callable[[], object]) -> None:
         """Run ``action`` after the current critical section of this thread ends.
 
         For finalizers and signal handlers, which may run inside a critical section of
-        the same thread and would otherwise try to take the mutex a second time.
+        the same thread and would otherwise try to take the mutex a second time. The
+        actions are kept per thread: only the thread that deferred one runs it.
         """
-        self._deferred.append(action)
+        self._deferred.setdefault(threading.get_ident(), []).append(action)
 
     def _run_deferred(self) -> None:
-        while self._deferred:
-            self._deferred.pop(0)()
-
-    def _abort(self) -> None:
-        """Release after an exception inside a critical section, repairing first."""
-        try:
-            self._repair_locked()
-        finally:
-            self._mutex_release()
-
-    @contextmanager
-    def critical(self) -> Iterator[None]:
-        """Hold the mutex; an exception inside repairs the state before releasing."""
-        self._lock()
-        try:
-            yield
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        ident = threading.get_ident()
+        while (actions := self._deferred.pop(ident, None)) is not None:
+            for action in actions:
+                action()
 
     def _repair_locked(self) -> None:
         """Rebuild derived state after a holder died mid-way (extended by subclasses)."""
@@ -160,11 +247,13 @@ class SharedObject:
     def register(self, opened: tuple[int, int] = (0, 0)) -> int:
         """Add an entry for this process holding ``opened`` handles per side."""
         pid, started = _procs.my_identity()
-        with self.critical():
-            entry = self._new_entry_locked(_K_ACTIVE, opened)
-            base = entry * PROC_FIELDS
-            self._procs[base + P_PID] = pid
-            self._procs[base + P_START] = started
+        return self.locked(self._register_locked, opened, pid, started)
+
+    def _register_locked(self, opened: tuple[int, int], pid: int, started: int) -> int:
+        entry = self._new_entry_locked(_K_ACTIVE, opened)
+        base = entry * PROC_FIELDS
+        self._procs[base + P_PID] = pid
+        self._procs[base + P_START] = started
         return entry
 
     def reserve(self, opened: tuple[int, int], popen: object) -> tuple[int, int]:
@@ -175,12 +264,16 @@ class SharedObject:
         """
         pid, started = _procs.my_identity()
         nonce = int.from_bytes(secrets.token_bytes(7), "little") or 1
-        with self.critical():
+
+        def reserve_locked() -> int:
             entry = self._new_entry_locked(_K_RESERVED, opened)
             base = entry * PROC_FIELDS
             self._procs[base + P_RES_PID] = pid
             self._procs[base + P_RES_START] = started
             self._procs[base + P_NONCE] = nonce
+            return entry
+
+        entry = self.locked(reserve_locked)
         with self._local:
             self._pending[entry] = (nonce, weakref.ref(popen))
         return entry, nonce
@@ -189,37 +282,49 @@ class SharedObject:
         """Make a reservation this process's own (in the child). False if it expired."""
         pid, started = _procs.my_identity()
         base = entry * PROC_FIELDS
-        with self.critical():
+
+        def claim_locked() -> bool:
             procs = self._procs
             if procs[base + P_KIND] != _K_RESERVED or procs[base + P_NONCE] != nonce:
                 return False
             procs[base + P_PID] = pid
             procs[base + P_START] = started
             procs[base + P_KIND] = _K_ACTIVE
-        return True
+            return True
+
+        return self.locked(claim_locked)
 
     def add_handle(self, entry: int, side: int) -> None:
-        with self.critical():
-            self._procs[entry * PROC_FIELDS + P_OPEN + side] += 1
-            self._ctl[OPEN + side] += 1
+        self.locked(self._add_handle_locked, entry, side)
+
+    def _add_handle_locked(self, entry: int, side: int) -> None:
+        self._procs[entry * PROC_FIELDS + P_OPEN + side] += 1
+        self._ctl[OPEN + side] += 1
 
     def drop_handle(self, entry: int, side: int) -> None:
         """Count one handle of ``side`` closed; the last one wakes the other side."""
+        self.locked(self._drop_handle_locked, entry, side)
+
+    def _drop_handle_locked(self, entry: int, side: int) -> None:
         procs = self._procs
         base = entry * PROC_FIELDS
-        with self.critical():
-            if procs[base + P_KIND] == _K_FREE or procs[base + P_OPEN + side] <= 0:
-                return  # already reclaimed by a sweep
-            procs[base + P_OPEN + side] -= 1
-            self._ctl[OPEN + side] -= 1
-            if (
-                procs[base + P_OPEN] == 0
-                and procs[base + P_OPEN + 1] == 0
-                and not self._holds_locked(entry)
-            ):
+        if procs[base + P_KIND] == _K_FREE or procs[base + P_OPEN + side] <= 0:
+            return  # already reclaimed by a sweep
+        procs[base + P_OPEN + side] -= 1
+        self._ctl[OPEN + side] -= 1
+        if (
+            procs[base + P_OPEN] == 0
+            and procs[base + P_OPEN + 1] == 0
+            and not self._holds_locked(entry)
+        ):
+            if procs[base + P_SLEEP] or procs[base + P_SLEEP + 1]:
+                # A thread of ours still sleeps, recorded here: the entry goes when
+                # it returns, or with this process if it dies first.
+                self._free_when_awake.add(entry)
+            else:
                 self._free_entry_locked(entry)
-            if self._ctl[OPEN + side] <= 0:
-                self._ring_all_locked(1 - side)
+        if self._ctl[OPEN + side] <= 0:
+            self._ring_all_locked(1 - side)
 
     def _free_entry_locked(self, entry: int) -> None:
         procs = self._procs
@@ -227,6 +332,7 @@ class SharedObject:
         self._ctl[OPEN] -= procs[base + P_OPEN]
         self._ctl[OPEN + 1] -= procs[base + P_OPEN + 1]
         procs[base + P_OPEN] = procs[base + P_OPEN + 1] = 0
+        procs[base + P_SLEEP] = procs[base + P_SLEEP + 1] = 0
         procs[base + P_KIND] = _K_FREE
 
     def open_handles(self, side: int) -> int:
@@ -236,14 +342,14 @@ class SharedObject:
     # ------------------------------------------------------------ liveness
 
     def sweep(self, force: bool = False) -> bool:
-        """Find processes that died and give back what they held. Rate-limited.
+        """Find processes that died and give back what they held.
 
-        Returns ``True`` if anything was reclaimed.
+        Rate-limited for the whole object: unless ``force``, nothing is done if any
+        process began a sweep less than :data:`SWEEP_INTERVAL` ago. A process whose
+        liveness is unknown counts as alive. Returns ``True`` if anything was reclaimed.
         """
-        now = time.monotonic()
-        if not force and now < self._next_sweep:
+        if not self.locked(self._start_sweep_locked, time.monotonic_ns(), force):
             return False
-        self._next_sweep = now + SWEEP_INTERVAL
         self._resolve_pending()
         procs = self._procs
         me = _procs.my_identity()[0]
@@ -260,18 +366,46 @@ class SharedObject:
                 dead.append((entry, kind, procs[base + P_PID], procs[base + P_NONCE]))
         if not dead:
             return False
-        with self.critical():
-            for entry, kind, pid, nonce in dead:
-                base = entry * PROC_FIELDS
-                if (procs[base + P_KIND], procs[base + P_PID], procs[base + P_NONCE]) == (
-                    kind,
-                    pid,
-                    nonce,
-                ):
-                    self._reclaim_locked(entry)
-                    self._free_entry_locked(entry)
-            self._ring_all_locked(SEND)
-            self._ring_all_locked(RECV)
+        self.locked(self._reclaim_dead_locked, dead)
+        return True
+
+    def _reclaim_dead_locked(self, dead: list[tuple[int, int, int, int]]) -> None:
+        procs = self._procs
+        for entry, kind, pid, nonce in dead:
+            base = entry * PROC_FIELDS
+            if (procs[base + P_KIND], procs[base + P_PID], procs[base + P_NONCE]) == (
+                kind,
+                pid,
+                nonce,
+            ):
+                self._forget_sleepers_locked(entry)
+                self._reclaim_locked(entry)
+                self._free_entry_locked(entry)
+        self._ring_all_locked(SEND)
+        self._ring_all_locked(RECV)
+
+    def _forget_sleepers_locked(self, entry: int) -> None:
+        """Take a dead process's registrations off the bells: its registrations first,
+        then posts made for them that nobody took (posts already made stay for the live
+        sleepers, who are fungible: every sleeper of a side waits for the same thing)."""
+        ctl, procs = self._ctl, self._procs
+        base = entry * PROC_FIELDS
+        for side in (SEND, RECV):
+            count = procs[base + P_SLEEP + side]
+            procs[base + P_SLEEP + side] = 0
+            taken = min(count, max(ctl[SLEEPERS + side], 0))
+            ctl[SLEEPERS + side] -= taken
+            for _ in range(count - taken):
+                if not self._bells[side].try_wait():
+                    break
+
+    def _start_sweep_locked(self, now: int, force: bool) -> bool:
+        """Whether a sweep is due (always, if ``force``); if so, it begins now."""
+        ctl = self._ctl
+        if not force and now < ctl[SWEPT_AT] + _SWEEP_NS:
+            return False
+        ctl[SWEPT_AT] = now
+        ctl[SWEEPS] += 1
         return True
 
     def _sweep_after_owner_died(self) -> None:
@@ -289,7 +423,7 @@ class SharedObject:
 
     def maybe_sweep(self) -> bool:
         """A sweep if one is due (cheap when it is not); whether it gave anything back."""
-        return time.monotonic() >= self._next_sweep and self.sweep()
+        return time.monotonic_ns() >= self._ctl[SWEPT_AT] + _SWEEP_NS and self.sweep()
 
     def _resolve_pending(self) -> None:
         """Write the pids of children this process started into their reservations."""
@@ -303,19 +437,22 @@ class SharedObject:
             if popen is not None and not child:
                 continue  # still being started
             started = _procs.start_time(child) if child else 0
-            base = entry * PROC_FIELDS
-            with self.critical():
-                procs = self._procs
-                if procs[base + P_KIND] == _K_RESERVED and procs[base + P_NONCE] == nonce:
-                    if child:
-                        procs[base + P_PID] = child
-                        procs[base + P_START] = started
-                    else:  # the start failed before a child existed
-                        self._free_entry_locked(entry)
-                        self._ring_all_locked(SEND)
-                        self._ring_all_locked(RECV)
+            self.locked(self._resolve_locked, (entry, nonce), child, started)
             with self._local:
                 self._pending.pop(entry, None)
+
+    def _resolve_locked(self, reservation: tuple[int, int], child: int, started: int) -> None:
+        entry, nonce = reservation
+        procs = self._procs
+        base = entry * PROC_FIELDS
+        if procs[base + P_KIND] == _K_RESERVED and procs[base + P_NONCE] == nonce:
+            if child:
+                procs[base + P_PID] = child
+                procs[base + P_START] = started
+            else:  # the start failed before a child existed
+                self._free_entry_locked(entry)
+                self._ring_all_locked(SEND)
+                self._ring_all_locked(RECV)
 
     def _reclaim_locked(self, entry: int) -> None:
         """Give back what a dead process held, besides its handles (subclasses)."""
@@ -350,10 +487,9 @@ class SharedObject:
         ctl[SLEEPERS + side] = 0
 
     def ready(self, side: int) -> int:
-        with self.critical():
-            return self._ready_locked(side)
+        return self.locked(self._ready_locked, side)
 
-    def wait(self, side: int, timeout: float, reserved: int = 0) -> int:
+    def wait(self, side: int, timeout: float | None, reserved: int = 0) -> int:
         """Sleep until ``side`` may proceed, a bell rings, or ``timeout`` passes.
 
         Returns how many waiters of ``side`` may proceed beyond ``reserved`` (already
@@ -361,43 +497,130 @@ class SharedObject:
         checks again; a caller that cannot use a bell should :meth:`forward` it. It
         sleeps unless enough is ready to be worth waking for
         (:meth:`_worth_waking_locked`); after a timeout it counts whatever is ready.
+
+        **The bookkeeping.** ``SLEEPERS + side`` is a count, not a list: a sleeper adds
+        one under the mutex; a waker that finds it positive takes one off and posts the
+        bell once. So at every instant, the sleepers that registered and have not
+        returned number exactly ``SLEEPERS + side`` plus the bell's value (posts not
+        yet taken). Sleepers of one side are interchangeable, so it does not matter
+        which one takes a post: a sleeper that times out takes a registration off the
+        count if one is left, and otherwise the post that was made for it (or for
+        another: either way, one sleeper leaves and one token goes). No post is lost
+        and none is left over. Each process also records how many of its threads sleep
+        (``P_SLEEP`` in its process-table entry), so that the sweep that finds it dead
+        takes its registrations off again (:meth:`_forget_sleepers_locked`); without
+        that, a dead sleeper's registration would cost a spurious wake-up on every
+        later ring, for ever.
+
+        **Who watches.** While everyone sleeps, someone must wake now and then to sweep
+        for dead peers, but not everyone, or idle waiting costs ``N`` wake-ups per
+        period, each ``N`` processes long. The sleepers take turns: one that registers
+        while ``k`` others are registered (on either side) sleeps about ``(k + 1) *``
+        :data:`SPACING` (at least :data:`SWEEP_INTERVAL`, at most
+        :data:`LONGEST_SLEEP`, jittered by ±50% so that processes started together
+        drift apart), so about one sleeper wakes per ``SPACING``, whatever their number,
+        and whoever finds a sweep due does it (one per ``SWEEP_INTERVAL`` for the
+        object). A sleeper that dies leaves a gap in the turns until the sweep that
+        finds it.
         """
-        ctl = self._ctl
-        self._lock()
-        try:
-            ready = self._worth_waking_locked(side) - reserved
-            if ready <= 0:
-                ctl[SLEEPERS + side] += 1
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        ready, turn, entry = self.locked(self._register_sleeper_locked, side, reserved)
         if ready > 0:
             return ready
-        bell = self._bells[side]
-        if bell.wait(timeout):
+        # Jittered (±50%), so that sleepers started together, perhaps to die together,
+        # do not keep waking together: the turns spread over the whole cycle.
+        limit = min(max(SWEEP_INTERVAL, turn * SPACING) * (0.5 + random.random()), LONGEST_SLEEP)
+        rang = self._bells[side].wait(limit if timeout is None else min(limit, timeout))
+        ready = self.locked(self._unregister_sleeper_locked, side, (reserved, rang), entry)
+        if rang:
             return RANG
-        self._lock()
-        try:
+        self.maybe_sweep()
+        return ready
+
+    def _register_sleeper_locked(self, side: int, reserved: int) -> tuple[int, int, int]:
+        """``(ready, turn, entry)``: a sleeper is registered only if nothing is ready."""
+        ctl = self._ctl
+        ready = self._worth_waking_locked(side) - reserved
+        if ready > 0:
+            return ready, 0, -1
+        turn = ctl[SLEEPERS + SEND] + ctl[SLEEPERS + RECV] + 1
+        ctl[SLEEPERS + side] += 1  # first the count, then the record (see above)
+        return ready, turn, self._record_sleeper_locked(side)
+
+    def _unregister_sleeper_locked(self, side: int, outcome: tuple[int, bool], entry: int) -> int:
+        reserved, rang = outcome
+        ready = 0
+        if not rang:
+            ctl = self._ctl
+            ctl[TIMED_OUT] += 1
             if ctl[SLEEPERS + side] > 0:
                 ctl[SLEEPERS + side] -= 1
             else:  # a waker took our registration: its post is ours to consume
-                bell.try_wait()
-            ready = self._ready_locked(side) - reserved
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
-        return max(ready, 0)
+                self._bells[side].try_wait()
+            ready = max(self._ready_locked(side) - reserved, 0)
+        self._unrecord_sleeper_locked(side, entry)
+        return ready
+
+    def _record_sleeper_locked(self, side: int) -> int:
+        """Count a sleeper of this process in its entry; the entry, or -1 if it has none
+        (its registration then cannot be taken back if it dies asleep)."""
+        procs = self._procs
+        entry, pid = self._sleep_entry, self._sleep_pid
+        base = entry * PROC_FIELDS
+        if entry < 0 or procs[base + P_KIND] != _K_ACTIVE or procs[base + P_PID] != pid:
+            pid, started = _procs.my_identity()
+            entry = -1
+            for candidate in range(MAX_PROCS):
+                base = candidate * PROC_FIELDS
+                if (
+                    procs[base + P_PID] == pid
+                    and procs[base + P_KIND] == _K_ACTIVE
+                    and procs[base + P_START] == started
+                ):
+                    entry = candidate
+                    break
+            self._sleep_entry, self._sleep_pid = entry, pid
+            if entry < 0:
+                return -1
+        procs[base + P_SLEEP + side] += 1
+        return entry
+
+    def _unrecord_sleeper_locked(self, side: int, entry: int) -> None:
+        if entry < 0:
+            return
+        procs = self._procs
+        base = entry * PROC_FIELDS
+        if procs[base + P_PID] != self._sleep_pid or procs[base + P_SLEEP + side] <= 0:
+            return
+        procs[base + P_SLEEP + side] -= 1
+        if entry in self._free_when_awake and not (
+            procs[base + P_SLEEP] or procs[base + P_SLEEP + 1]
+        ):
+            self._free_when_awake.discard(entry)
+            if not (procs[base + P_OPEN] or procs[base + P_OPEN + 1] or self._holds_locked(entry)):
+                self._free_entry_locked(entry)
+
+    def wait_counters(self) -> WaitCounters:
+        """A snapshot of the shared wait and liveness bookkeeping (for tests and
+        diagnostics)."""
+        return self.locked(self._wait_counters_locked)
+
+    def _wait_counters_locked(self) -> WaitCounters:
+        ctl = self._ctl
+        return WaitCounters(
+            sleepers=(
+                ctl[SLEEPERS + SEND] + self._bells[SEND].value(),
+                ctl[SLEEPERS + RECV] + self._bells[RECV].value(),
+            ),
+            sweeps=ctl[SWEEPS],
+            timed_out=ctl[TIMED_OUT],
+        )
 
     def forward(self, side: int) -> None:
         """Pass on a wake-up this process cannot use to another sleeper, if any."""
-        with self.critical():
-            self._ring_one_locked(side)
+        self.locked(self._ring_one_locked, side)
 
     def wake_all(self, side: int) -> None:
-        with self.critical():
-            self._ring_all_locked(side)
+        self.locked(self._ring_all_locked, side)
 
     def block(self, side: int, attempt: Callable[[], Any], timeout: float | None) -> Any:
         """Call ``attempt`` until it stops raising ``WouldBlock``, sleeping in between.
@@ -412,13 +635,47 @@ class SharedObject:
             except WouldBlock:
                 pass
             if deadline is None:
-                self.wait(side, SLICE)
+                self.wait(side, None)
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"timed out after {timeout} s") from None
-                self.wait(side, min(SLICE, remaining))
-            self.maybe_sweep()
+                self.wait(side, remaining)
+
+
+class _CriticalSection:
+    """``with obj.critical():`` (see :meth:`SharedObject.critical`)."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: SharedObject) -> None:
+        self._obj = obj
+
+    def __enter__(self) -> None:
+        obj = self._obj
+        try:
+            result = _trylock(obj._mptr)
+            if result:
+                obj._lock_contended(result)
+        except Reentered:
+            raise
+        except BaseException:
+            obj._recover()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        obj = self._obj
+        if exc_type is not None:
+            obj._recover()
+            return
+        _unlock(obj._mptr)
+        if obj._deferred:
+            obj._run_deferred()
 
 
 _live_objects: weakref.WeakSet[SharedObject] = weakref.WeakSet()
