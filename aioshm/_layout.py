@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import secrets
@@ -314,6 +315,16 @@ class Segment:
         )
 
 
+def _memory_available() -> int | None:
+    """Bytes of memory the kernel could still find (``MemAvailable`` + ``SwapFree``)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = {line.split(":")[0]: line.split()[1] for line in f}
+        return (int(fields["MemAvailable"]) + int(fields.get("SwapFree", 0))) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 def reserve_shared_memory(size: int, fd: int | None = None, *, name: str = "aioshm") -> int:
     """Shared memory of ``size`` bytes whose every page is reserved now; returns its fd.
 
@@ -326,12 +337,25 @@ def reserve_shared_memory(size: int, fd: int | None = None, *, name: str = "aios
     full tmpfs or a memory cgroup at its limit fails here, with ``OSError``, instead of
     sending ``SIGBUS`` to whichever process first touches a missing page later.
 
-    :raises OSError: ``ENOSPC`` (a full tmpfs), ``ENOMEM`` (a memory cgroup at its
-        limit), ``EFBIG`` (``RLIMIT_FSIZE``) and the like, with a message that names
-        the size
+    A request larger than the memory the machine has available (``MemAvailable`` plus
+    ``SwapFree`` in ``/proc/meminfo``) is refused before anything is created: the
+    kernel would otherwise take pages until the OOM killer stepped in.
+
+    :raises OSError: ``ENOMEM`` (more than the machine has available, or a memory
+        cgroup at its limit), ``ENOSPC`` (a full tmpfs), ``EFBIG`` (``RLIMIT_FSIZE``)
+        and the like, with a message that names the size
     """
     if size <= 0:
         raise ValueError(f"shared memory must have a positive size, not {size}")
+    available = _memory_available()
+    if available is not None and size > available:
+        # The kernel would take pages until the whole machine ran out (a memfd has no
+        # size limit of its own), and the OOM killer would pick victims anywhere.
+        raise OSError(
+            errno.ENOMEM,
+            f"cannot reserve {size} bytes of shared memory: the machine has about "
+            f"{available} available (MemAvailable + SwapFree)",
+        )
     own = fd is None
     if fd is None:
         if hasattr(os, "memfd_create"):
