@@ -330,9 +330,13 @@ def reserve_shared_memory(size: int, fd: int | None = None, *, name: str = "aios
     full tmpfs or a memory cgroup at its limit fails here, with ``OSError``, instead of
     sending ``SIGBUS`` to whichever process first touches a missing page later.
 
-    :raises OSError: ``ENOSPC`` (a full tmpfs), ``ENOMEM`` (a memory cgroup at its
-        limit), ``EFBIG`` (``RLIMIT_FSIZE``) and the like, with a message that names
-        the size
+    A request larger than the memory available (:func:`available_memory`: the machine's,
+    or what is left under this process's memory cgroup limit) is refused before anything
+    is created: the kernel would otherwise take pages until the OOM killer stepped in.
+
+    :raises OSError: ``ENOMEM`` (more than the machine has available, or a memory
+        cgroup at its limit), ``ENOSPC`` (a full tmpfs), ``EFBIG`` (``RLIMIT_FSIZE``)
+        and the like, with a message that names the size
     """
     if size <= 0:
         raise ValueError(f"shared memory must have a positive size, not {size}")

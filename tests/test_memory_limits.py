@@ -307,3 +307,19 @@ def test_a_segment_in_a_given_file_of_a_full_tmpfs(small_tmpfs: Path) -> None:
     assert os.stat(path).st_blocks * 512 >= 4 << 20  # every page found at creation
     del segment
     path.unlink()
+
+
+def test_more_than_the_machine_has_is_refused_up_front() -> None:
+    # Never reserved page by page: the kernel would run the whole machine out of memory.
+    import aioshm
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    for make in (
+        lambda: reserve_shared_memory(1 << 46),
+        lambda: aioshm.open_channel(4, 1 << 44),
+        lambda: aioshm.Array("b", 1 << 46),
+    ):
+        with pytest.raises(OSError, match="available") as caught:
+            make()
+        assert caught.value.errno == errno.ENOMEM
+    assert sorted(os.listdir("/proc/self/fd")) == before
