@@ -256,8 +256,9 @@ class SharedObject:
         self._procs[base + P_START] = started
         return entry
 
-    def reserve(self, opened: tuple[int, int], popen: object) -> tuple[int, int]:
-        """Reserve an entry for a child being started by ``popen``.
+    def reserve(self, opened: tuple[int, int], popen: object | None) -> tuple[int, int]:
+        """Reserve an entry for a child being started by ``popen`` (or, if ``None``, for
+        whichever process unpickles a handle pickled now).
 
         The child claims it with :meth:`claim_reservation`. Until then the entry lives as
         long as this process does, and once the child's pid is known, as long as the child.
@@ -274,8 +275,9 @@ class SharedObject:
             return entry
 
         entry = self.locked(reserve_locked)
-        with self._local:
-            self._pending[entry] = (nonce, weakref.ref(popen))
+        if popen is not None:  # otherwise this process vouches until it is claimed
+            with self._local:
+                self._pending[entry] = (nonce, weakref.ref(popen))
         return entry, nonce
 
     def claim_reservation(self, entry: int, nonce: int) -> bool:
@@ -338,6 +340,28 @@ class SharedObject:
     def open_handles(self, side: int) -> int:
         """Open handles of ``side`` in all live processes (as last swept)."""
         return max(0, self._ctl[OPEN + side])
+
+    def holders(self) -> list[tuple[int, int, int, int]]:
+        """``(pid, send handles, receive handles, reserved by)`` for each entry of the
+        process table, after a sweep. ``pid`` is 0 for a child whose pid is not known yet;
+        ``reserved by`` is the pid of the process that passed handles to a child which
+        has not claimed them yet, else 0.
+        """
+        self.sweep(force=True)
+        return self.locked(self._holders_locked)
+
+    def _holders_locked(self) -> list[tuple[int, int, int, int]]:
+        procs = self._procs
+        rows = []
+        for entry in range(MAX_PROCS):
+            base = entry * PROC_FIELDS
+            kind = procs[base + P_KIND]
+            if kind == _K_FREE:
+                continue
+            reserved_by = procs[base + P_RES_PID] if kind == _K_RESERVED else 0
+            opened = procs[base + P_OPEN], procs[base + P_OPEN + 1]
+            rows.append((procs[base + P_PID], *opened, reserved_by))
+        return rows
 
     # ------------------------------------------------------------ liveness
 
