@@ -95,6 +95,26 @@ _K_ACTIVE = 1
 _K_RESERVED = 2
 
 
+class TableRow(NamedTuple):
+    """One entry of a shared object's process table (see :meth:`SharedObject.table`)."""
+
+    pid: int
+    """The holder; 0 for a child whose pid is not known yet, or a handle pickled and not
+    yet unpickled."""
+    started: int
+    """The holder's start time (see :mod:`aioshm._procs`)."""
+    reserved_by: int
+    """The process that passed (or pickled) handles which were not claimed yet, else 0."""
+    vouched_by: int
+    """Who vouches for the entry while its pid is not known: the reserving process."""
+    vouched_started: int
+    """That process's start time."""
+    sends: int
+    """Send handles the entry holds."""
+    receives: int
+    """Receive handles the entry holds."""
+
+
 class WaitCounters(NamedTuple):
     """The shared wait and liveness bookkeeping of one object (all processes)."""
 
@@ -341,16 +361,14 @@ class SharedObject:
         """Open handles of ``side`` in all live processes (as last swept)."""
         return max(0, self._ctl[OPEN + side])
 
-    def holders(self) -> list[tuple[int, int, int, int]]:
-        """``(pid, send handles, receive handles, reserved by)`` for each entry of the
-        process table, after a sweep. ``pid`` is 0 for a child whose pid is not known yet;
-        ``reserved by`` is the pid of the process that passed handles to a child which
-        has not claimed them yet, else 0.
-        """
-        self.sweep(force=True)
-        return self.locked(self._holders_locked)
+    def table(self, sweep: bool = True) -> list[TableRow]:
+        """The entries of the process table in use (after a sweep, unless ``sweep`` is
+        false: a caller that wants to see dead holders as well)."""
+        if sweep:
+            self.sweep(force=True)
+        return self.locked(self._table_locked)
 
-    def _holders_locked(self) -> list[tuple[int, int, int, int]]:
+    def _table_locked(self) -> list[TableRow]:
         procs = self._procs
         rows = []
         for entry in range(MAX_PROCS):
@@ -358,9 +376,17 @@ class SharedObject:
             kind = procs[base + P_KIND]
             if kind == _K_FREE:
                 continue
-            reserved_by = procs[base + P_RES_PID] if kind == _K_RESERVED else 0
-            opened = procs[base + P_OPEN], procs[base + P_OPEN + 1]
-            rows.append((procs[base + P_PID], *opened, reserved_by))
+            rows.append(
+                TableRow(
+                    procs[base + P_PID],
+                    procs[base + P_START],
+                    procs[base + P_RES_PID] if kind == _K_RESERVED else 0,
+                    procs[base + P_RES_PID],
+                    procs[base + P_RES_START],
+                    procs[base + P_OPEN],
+                    procs[base + P_OPEN + 1],
+                )
+            )
         return rows
 
     # ------------------------------------------------------------ liveness
