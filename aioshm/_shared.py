@@ -34,7 +34,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
 
 from anyio import WouldBlock
@@ -199,27 +198,10 @@ class SharedObject:
             self._run_deferred()
         return value
 
-    def critical(self) -> _CriticalSection:
-        """``with obj.critical():`` the same critical section as :meth:`locked`.
-
-        Prefer :meth:`locked`: a ``with`` block's ``__exit__`` is a Python function, and
-        an asynchronous exception delivered on entering it, after a block that completed,
-        would leave the mutex held. :meth:`locked` has no such instant.
-        """
-        return _CriticalSection(self)
-
     def _lock_contended(self, result: int) -> None:
         if self._mutex.acquire_contended(result):  # the previous holder died mid-way
             self._repair_locked()
             self.defer(self._sweep_after_owner_died)  # find out who, after
-
-    def _recover(self) -> None:
-        """After an exception inside a critical section: repair and release, if held."""
-        try:
-            if self._mutex.seize():
-                self._repair_locked()
-        finally:
-            _unlock(self._mptr)
 
     def defer(self, action: Callable[[], object]) -> None:
         """Run ``action`` after the current critical section of this thread ends.
@@ -691,41 +673,6 @@ class SharedObject:
                 if remaining <= 0:
                     raise TimeoutError(f"timed out after {timeout} s") from None
                 self.wait(side, remaining)
-
-
-class _CriticalSection:
-    """``with obj.critical():`` (see :meth:`SharedObject.critical`)."""
-
-    __slots__ = ("_obj",)
-
-    def __init__(self, obj: SharedObject) -> None:
-        self._obj = obj
-
-    def __enter__(self) -> None:
-        obj = self._obj
-        try:
-            result = _trylock(obj._mptr)
-            if result:
-                obj._lock_contended(result)
-        except Reentered:
-            raise
-        except BaseException:
-            obj._recover()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        obj = self._obj
-        if exc_type is not None:
-            obj._recover()
-            return
-        _unlock(obj._mptr)
-        if obj._deferred:
-            obj._run_deferred()
 
 
 _live_objects: weakref.WeakSet[SharedObject] = weakref.WeakSet()
