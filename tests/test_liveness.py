@@ -24,7 +24,7 @@ import pytest
 
 import aioshm
 from aioshm import _procs
-from aioshm._shared import RECV, SLICE, SPACING, SWEEP_INTERVAL
+from aioshm._shared import RECV, SPACING, SWEEP_INTERVAL
 
 from . import workers
 from .helpers import wait_until
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(120)
 
 FORK = multiprocessing.get_context("fork")
 DEADLINE = 1.0  # the bound for noticing a dead peer
+LATE = 1.0  # a sleeper woken by its post, not by its turn after missing it
 
 
 def _queue(handle: Any) -> Any:
@@ -378,7 +379,11 @@ def test_half_of_64_sleepers_killed_registrations_taken_back_no_lost_wakeup() ->
     assert sorted(value for _, value, _, _ in reports) == list(range(len(survivors)))
     assert {pid for pid, _, _, _ in reports} == {proc.pid for proc in survivors}
     latency = max(arrived for _, _, arrived, _ in reports) - sent_at
-    assert latency < SLICE, f"the last survivor woke {latency:.2f} s after the send"
+    # Woken by the posts: a survivor whose post went to a dead registration would sleep
+    # on to its turn, about (k + 1) * SPACING (k others asleep; 2.3 s for the last of 32,
+    # jittered by half). Waking 32 processes on two loaded cores alone took 0.31 s once,
+    # so the bound is LATE, well apart from both.
+    assert latency < LATE, f"the last survivor woke {latency:.2f} s after the send"
     for proc in survivors:
         proc.join(30)
         assert proc.exitcode == 0

@@ -187,9 +187,12 @@ def test_repair_after_a_holder_died_mid_update() -> None:
     queue, me = make(capacity=4)
     queue.try_put(me, Raw(b"published"))
     loan = queue.claim(me)
-    with queue.critical():
+
+    def scribble_and_repair() -> None:
         queue.segment.ctl[_layout.NFREE] = 0  # scribbled on by a holder that died
         queue._repair_locked()
+
+    queue.locked(scribble_and_repair)
     assert queue.try_get(me, read) == b"published"
     assert states(queue)[loan] == WRITING  # a live owner keeps its loan
     assert queue.counters().free == 3
@@ -219,9 +222,12 @@ def test_repair_requeues_a_fully_written_slot_that_missed_the_ring() -> None:
     queue.slot_memory(slot)[:4] = b"done"
     slots = queue.segment.slots
     base = slot * _layout.SLOT_FIELDS
-    with queue.critical():
+
+    def mark_and_repair() -> None:
         slots[base + _layout.SLOT_START], slots[base + _layout.SLOT_LENGTH] = 0, 4
         slots[base + _layout.SLOT_STATE] = READY  # died after marking it, before the ring
         queue._repair_locked()
+
+    queue.locked(mark_and_repair)
     assert queue.try_get(me, read) == b"done"
     assert queue.counters().redelivered == 1
