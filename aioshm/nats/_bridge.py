@@ -109,14 +109,12 @@ def call_soon(func: Callable[..., object], *args: object) -> None:
 
 
 def _reset_in_child() -> None:
-    # The thread does not exist in a forked child; the next use starts a new one.
+    # The thread does not exist in a forked child; the next use starts a new one. This
+    # is checked by pid on use rather than in an at-fork hook, because aioshm's
+    # ownership hook, which runs first, may already use the bridge in the child.
     global _lock, _loop, _thread, _pid
     _pid = os.getpid()
     _lock = threading.Lock()
     _loop = None
     _thread = None
     _tasks.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)

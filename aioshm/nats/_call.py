@@ -8,9 +8,7 @@ states make cancellation atomic:
 ``ATTEMPT``    the bridge has passed a point of no return (a publish is on the wire): a
                cancelled caller waits for the outcome, shielded, and the cancellation
                is deferred if the operation succeeded.
-``DONE``       the bridge has a result for the caller. A call with an ``undo`` (a
-               received message: give it back to the server) is undone if the caller
-               was cancelled before it took the result.
+``DONE``       the bridge has a result for the caller: it is the caller's.
 ``FAILED``     the operation raised; the caller gets the exception.
 ``ABANDONED``  the caller left before the bridge acted.
 
@@ -50,16 +48,15 @@ def _notify_loop(token: EventLoopToken, event: anyio.Event) -> Callable[[], None
 class Call(Generic[T]):
     """One operation the bridge performs for one caller (see the module docstring)."""
 
-    __slots__ = ("_cancel_requested", "_error", "_lock", "_notify", "_result", "_undo", "state")
+    __slots__ = ("_cancel_requested", "_error", "_lock", "_notify", "_result", "state")
 
-    def __init__(self, undo: Callable[[T], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.state = PENDING
         self._result: T | None = None
         self._error: BaseException | None = None
         self._notify: Callable[[], None] | None = None
         self._cancel_requested = False
-        self._undo = undo
 
     # ------------------------------------------------------------ bridge side
 
@@ -124,8 +121,9 @@ class Call(Generic[T]):
         return self._result  # type: ignore[return-value]
 
     def _leave(self) -> bool:
-        """The caller is cancelled: ``True`` if it may raise at once (nothing done or
-        the result undone); ``False`` if it must wait for an attempt's outcome."""
+        """The caller is cancelled: ``True`` if it may raise at once (nothing was done,
+        or the operation failed); ``False`` if it must wait for an attempt's outcome,
+        or take the result (the cancellation is deferred)."""
         with self._lock:
             state = self.state
             if state == PENDING:
@@ -134,17 +132,15 @@ class Call(Generic[T]):
             if state == ATTEMPT:
                 self._cancel_requested = True
                 return False
-        if state == DONE and self._undo is not None:
-            self._undo(self._result)  # type: ignore[arg-type]
-        return state != DONE or self._undo is not None
+        return state != DONE
 
     async def wait(self) -> T:
         """Wait for the outcome, from an asyncio or trio task.
 
-        Cancellation: if cancelled before the bridge acted, nothing was done; after a
-        result was handed over, a call with an ``undo`` is undone and one without is
-        completed (the cancellation is then deferred to the next checkpoint); during an
-        attempt, the outcome is awaited, shielded, and decides which.
+        Cancellation: if cancelled before the bridge acted, nothing was done; during an
+        attempt, the outcome is awaited, shielded: a success is returned (the
+        cancellation is deferred to the next checkpoint) and a failure gives way to the
+        cancellation.
         """
         event = anyio.Event()
         with self._lock:

@@ -120,6 +120,7 @@ class _Handle:
         link = self._link
         if self._owned and link is not None:
             self._owned = False
+            link.forget(self._subject)
             _bridge.spawn(self._unregister(link))
 
     async def _unregister(self, link: Link) -> None:
@@ -230,8 +231,17 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         self, link: Link, address: Address, options: dict[str, Any], subject: str | None
     ) -> None:
         super().__init__(link, address, options, subject)
+        self._new_ids()
+
+    def _new_ids(self) -> None:
+        # Message ids are unique per owner of a handle: a forked child's copy must not
+        # reuse its parent's, or the server would drop its messages as duplicates.
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex
+
+    def _claim(self, reservation: object) -> None:
+        super()._claim(reservation)
+        self._new_ids()
 
     def _start(self, item: T_contra) -> Call[None]:
         link = self._usable_link()
@@ -331,29 +341,31 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         assert self._link is not None
         self._link.local_receivers += 1
 
-    def _take(self, msgs: list[Msg]) -> list[Any]:
-        link = self._link
-        assert link is not None
-        _bridge.call_soon(link.acknowledge, msgs)
+    def _decode(self, msgs: list[Msg]) -> list[Any]:
         return [decode(memoryview(m.data), owned=False) for m in msgs]
 
     def _start(self, max_items: int) -> Call[list[Msg]]:
         link = self._usable_link()
-        call: Call[list[Msg]] = Call(undo=lambda msgs: _bridge.call_soon(link.give_back, msgs))
+        call: Call[list[Msg]] = Call()
         _bridge.call_soon(link.add_waiter, call, max_items)
         return call
 
     def receive_nowait(self) -> T_co:
-        """A message already delivered to this process, or ``WouldBlock``.
+        """A message already delivered to this process, or ``WouldBlock``. Its
+        acknowledgement is confirmed by the server before it is returned: that blocks
+        the calling thread for a round trip.
 
         :raises anyio.WouldBlock: nothing is here (messages on the server are fetched
             only by :meth:`receive`)
         :raises anyio.ClosedResourceError: this handle is closed
         """
-        msgs = self._usable_link().take_buffered(1)
+        link = self._usable_link()
+        msgs = link.take_buffered(1)
+        if msgs:
+            msgs = _bridge.run(link.acknowledge(msgs))
         if not msgs:
             raise WouldBlock
-        return self._take(msgs)[0]  # type: ignore[no-any-return]
+        return self._decode(msgs)[0]  # type: ignore[no-any-return]
 
     recv_nowait = receive_nowait
 
@@ -364,9 +376,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             its process silent for longer than the heartbeat) and nothing is left
         :raises anyio.ClosedResourceError: this handle is closed (also while waiting)
 
-        Cancellation: if cancelled, nothing was received: a message that had already
-        reached this process goes to the next receive, here or (after a short hold)
-        at another receiver. A message is acknowledged to the server only once taken.
+        Cancellation: if cancelled while it waits, nothing was received: a message that
+        reached this process meanwhile goes to the next receive, here or (after a short
+        hold) at another receiver. Handing a message over is the point of no return: it
+        is acknowledged, and the call returns it once the server has confirmed, so a
+        receiver that dies after that does not get it delivered again elsewhere; a
+        cancellation that arrives during that round trip is deferred.
         """
         return (await self.recv_many(1))[0]  # type: ignore[no-any-return]
 
@@ -379,10 +394,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
         Otherwise raises as :meth:`receive`.
         """
-        msgs = self._usable_link().take_buffered(1)
-        if not msgs:
-            msgs = self._wait_blocking(self._start(1), timeout)
-        return self._take(msgs)[0]  # type: ignore[no-any-return]
+        msgs = self._wait_blocking(self._start(1), timeout)
+        return self._decode(msgs)[0]  # type: ignore[no-any-return]
 
     receive_blocking = recv_blocking
 
@@ -391,11 +404,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         here. Raises as :meth:`receive`; cancelled, nothing was received."""
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, not {max_items}")
-        link = self._usable_link()
-        msgs = link.take_buffered(max_items)
-        if not msgs:
-            msgs = await self._wait(self._start(max_items))
-        return self._take(msgs)
+        return self._decode(await self._wait(self._start(max_items)))
 
     def recv_view(self) -> NoReturn:
         """Raises ``TypeError``: shared-memory channels only."""

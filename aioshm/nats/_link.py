@@ -330,15 +330,27 @@ class Link:
         await self.js.publish(subject, b"open", timeout=REQUEST_TIMEOUT)
         self.owned[subject] = 1
         self.reservations.pop(subject, None)
+        await self.refresh()
 
     async def reserve(self, subject: str) -> None:
         """Count a handle that another process will claim (see ``register``)."""
         ack = await self.js.publish(subject, b"reserved", timeout=REQUEST_TIMEOUT)
         self.reservations[subject] = (ack.seq, time.monotonic() + RESERVATION_LIFETIME)
 
+    def forget(self, subject: str) -> None:
+        """A handle of this process is closing: stop heartbeating it, and count it out
+        at once here (other processes see it at their next count)."""
+        if self.owned.pop(subject, None) is not None:
+            side = subject[len(self.hb_prefix) + 1]
+            senders, receivers = self.counts
+            self.counts = Counts(
+                senders - (side == "s") if senders else 0,
+                receivers - (side == "r") if receivers else 0,
+            )
+
     async def unregister(self, subject: str) -> None:
         """A handle of this process closed: stop counting it."""
-        self.owned.pop(subject, None)
+        self.forget(subject)
         try:
             await self.js.purge_stream(self.hb_stream, subject=subject)
         except (nats.errors.Error, OSError):
@@ -440,7 +452,8 @@ class Link:
     # ---------------------------------------------------------------- receiving
 
     def take_buffered(self, max_items: int) -> list[Msg]:
-        """Messages already here, oldest first (from any thread)."""
+        """Messages already here, oldest first (from any thread); the caller must
+        :meth:`acknowledge` them before handing them out."""
         with self.lock:
             if self.waiters or not self.buffer:
                 return []
@@ -535,19 +548,40 @@ class Link:
         self._poke.set()  # type: ignore[union-attr]
 
     def _match(self) -> None:
-        """Hand buffered messages to waiting callers, oldest first."""
+        """Hand buffered messages to waiting callers, oldest first.
+
+        Taking a caller's call out of ``PENDING`` is the point of no return: from then
+        on the caller waits (its cancellation deferred) while the messages are
+        acknowledged, and gets them once the server has confirmed. A caller that left
+        before leaves the messages here for the next.
+        """
         with self.lock:
             while self.waiters and self.buffer:
-                call, n = self.waiters[0]
-                if call.state != PENDING:
-                    self.waiters.popleft()
+                call, n = self.waiters.popleft()
+                if not call.begin():
                     continue
                 batch = [self.buffer.popleft()[0] for _ in range(min(n, len(self.buffer)))]
-                self.waiters.popleft()
-                if not call.deliver(batch):  # it left just now: keep them for the next
-                    self.buffer.extendleft((m, time.monotonic()) for m in reversed(batch))
+                task = asyncio.get_running_loop().create_task(self._confirm(call, n, batch))
+                self._acks.add(task)
+                task.add_done_callback(self._acks.discard)
             while self.waiters and self.waiters[0][0].state != PENDING:
                 self.waiters.popleft()
+
+    async def _confirm(self, call: Call[list[Msg]], n: int, batch: list[Msg]) -> None:
+        taken = await self.acknowledge(batch)
+        if taken:
+            call.settle(taken)
+        elif call.retreat():  # every ack failed: the messages went elsewhere; wait on
+            with self.lock:
+                self.waiters.appendleft((call, n))
+            self._wake()
+
+    async def acknowledge(self, msgs: list[Msg]) -> list[Msg]:
+        """Acknowledge ``msgs`` and wait for the server to confirm; return those it
+        confirmed (one unconfirmed within ``ack_wait`` may have gone to another
+        receiver, so it is not handed out)."""
+        confirmed = await asyncio.gather(*(self._ack(m) for m in msgs))
+        return [m for m, ok in zip(msgs, confirmed, strict=True) if ok]
 
     async def _check_end(self) -> None:
         try:
@@ -566,27 +600,21 @@ class Link:
                         call.fail(EndOfStream())
                 self.waiters.clear()
 
-    def acknowledge(self, msgs: list[Msg]) -> None:
-        """The caller took ``msgs``: acknowledge them, retrying until confirmed."""
-        for msg in msgs:
-            task = asyncio.get_running_loop().create_task(self._ack(msg))
-            self._acks.add(task)
-            task.add_done_callback(self._acks.discard)
-
-    async def _ack(self, msg: Msg) -> None:
-        deadline = time.monotonic() + self.ack_wait
-        if msg.metadata.num_delivered > 1:
-            await self._event("redelivered", msg)
+    async def _ack(self, msg: Msg) -> bool:
+        deadline = time.monotonic() + self.ack_wait * 0.8
         while True:
             try:
-                await msg.ack_sync(timeout=min(REQUEST_TIMEOUT, self.ack_wait / 2))
-                return
+                await msg.ack_sync(timeout=min(REQUEST_TIMEOUT, self.ack_wait / 4))
+                break
             except nats.errors.MsgAlreadyAckdError:
-                return
+                break
             except (nats.errors.Error, OSError, TimeoutError):
                 if time.monotonic() > deadline:
-                    return
-                await asyncio.sleep(0.05)
+                    return False
+                await asyncio.sleep(0.02)
+        if msg.metadata.num_delivered > 1:
+            await self._event("redelivered", msg)
+        return True
 
     async def _event(self, kind: str, msg: Msg) -> None:
         meta = msg.metadata
@@ -600,16 +628,6 @@ class Link:
             )
         except (nats.errors.Error, OSError):
             pass
-
-    def give_back(self, msgs: list[Msg]) -> None:
-        """The caller did not take ``msgs`` (cancelled): keep them for the next caller
-        of this process, in order (on the bridge loop)."""
-        now = time.monotonic()
-        with self.lock:
-            self.buffer.extendleft((m, now) for m in reversed(msgs))
-        self._match()
-        if self._poke is not None:
-            self._poke.set()
 
     async def _give_back(self, msg: Msg) -> None:
         await self._event("returned", msg)
@@ -682,13 +700,22 @@ def get_link(
     return link
 
 
+def close_links() -> None:
+    """Close every link of this process (their handles become unusable): for tests and
+    for a clean exit."""
+    with _links_lock:
+        links = list(_links.values())
+        _links.clear()
+    for link in links:
+        try:
+            _bridge.run(link.close(), timeout=10)
+        except Exception:
+            pass
+
+
 def _reset_in_child() -> None:
     # A forked child has none of its parent's connections (nor the bridge thread).
     global _links_lock, _links_pid
     _links_pid = os.getpid()
     _links.clear()
     _links_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)

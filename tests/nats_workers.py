@@ -1,0 +1,57 @@
+"""Child-process targets for the network-channel tests (importable under spawn)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import anyio
+
+import aioshm.nats
+
+
+def produce(tx: aioshm.nats.SendChannel[Any], producer: int, count: int, backend: str) -> None:
+    """Send ``(producer, i)`` for i in range(count), then close."""
+
+    async def main() -> None:
+        async with tx:
+            for i in range(count):
+                await tx.send((producer, i))
+
+    anyio.run(main, backend=backend)
+
+
+def consume(rx: aioshm.nats.ReceiveChannel[Any], out: Any, backend: str) -> None:
+    """Receive until the end of the stream, then put everything received on ``out``."""
+
+    async def main() -> list[Any]:
+        got = []
+        async with rx:
+            async for item in rx:
+                got.append(item)
+        return got
+
+    out.put(anyio.run(main, backend=backend))
+
+
+def take_one_then_stop(url: str) -> None:
+    """Receive one message (with messages pulled ahead), then stop dead, holding them."""
+    rx = aioshm.nats.connect_receive(url)
+    rx.recv_blocking(30)
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def hold_sender(url: str, ready: Any) -> None:
+    """Open a send handle and wait to be killed."""
+    tx = aioshm.nats.connect_send(url)
+    ready.set()
+    signal.pause()
+    tx.close()
+
+
+def hold_given_sender(tx: aioshm.nats.SendChannel[Any], ready: Any) -> None:
+    """Own a send handle passed by the parent; send one message; wait to be killed."""
+    tx.send_blocking("from the child", 30)
+    ready.set()
+    signal.pause()

@@ -1,0 +1,489 @@
+"""The channel over NATS JetStream, against real nats-server processes.
+
+Each module-level server is started on free loopback ports with its JetStream store in
+a temporary directory, and killed at teardown; every test uses a channel of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
+
+import aioshm
+import aioshm.nats
+from aioshm.nats import LocalServer
+from aioshm.nats._link import close_links
+
+from . import nats_workers
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """One JetStream server for the module."""
+    srv = LocalServer(tmp_path_factory.mktemp("nats"))
+    srv.start()
+    yield srv
+    close_links()
+    srv.close()
+    assert srv.process is not None and srv.process.poll() is not None
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[LocalServer]:
+    """A JetStream server of the test's own (to stop and restart)."""
+    srv = LocalServer(tmp_path / "store")
+    srv.start()
+    yield srv
+    close_links()
+    srv.close()
+    assert srv.process is not None and srv.process.poll() is not None
+
+
+def channel_url(server: LocalServer, query: str = "") -> str:
+    return f"{server.url}/t{uuid.uuid4().hex[:12]}" + (f"?{query}" if query else "")
+
+
+# ---------------------------------------------------------------- basics
+
+
+@pytest.mark.anyio
+async def test_round_trip_of_every_kind(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=8)
+    items: list[Any] = [
+        1,
+        "two",
+        b"three",
+        {"four": [4]},
+        np.arange(12, dtype=np.int16).reshape(3, 4),
+        np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]),
+    ]
+    async with tx, rx:
+        for item in items:
+            await tx.send(item)
+        for item in items:
+            got = await rx.recv()
+            if isinstance(item, np.ndarray):
+                assert got.dtype == item.dtype and got.shape == item.shape
+                assert got.flags.f_contiguous == item.flags.f_contiguous
+                assert got.flags.writeable
+                np.testing.assert_array_equal(got, item)
+            else:
+                assert got == item
+
+
+@pytest.mark.anyio
+async def test_eight_mib_array(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=2, max_message_size=8 << 20)
+    array = np.random.default_rng(1).random(1 << 20)
+    async with tx, rx:
+        await tx.send(array)
+        got = await rx.recv()
+        np.testing.assert_array_equal(got, array)
+        with pytest.raises(ValueError, match="max_message_size"):
+            await tx.send(np.zeros((8 << 20) + 1, np.uint8))
+        assert tx.statistics().current_buffer_used == 0  # nothing was sent
+
+
+@pytest.mark.anyio
+async def test_end_of_stream_after_the_buffered_messages(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    tx2 = tx.clone()
+    await tx.send(1)
+    tx.close()
+    await tx2.send(2)
+    tx2.close()
+    with rx:
+        assert [x async for x in rx] == [1, 2]
+        with pytest.raises(EndOfStream):
+            await rx.recv()
+
+
+@pytest.mark.anyio
+async def test_broken_when_every_receiver_is_gone(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    rx2 = rx.clone()
+    rx.close()
+    with tx:
+        await tx.send(1)
+        rx2.close()
+        with pytest.raises(BrokenResourceError):
+            await tx.send(2)
+
+
+@pytest.mark.anyio
+async def test_bounded_send_waits_and_never_drops(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=3)
+    async with tx, rx:
+        for i in range(3):
+            await tx.send(i)
+        done = anyio.Event()
+
+        async def fourth() -> None:
+            await tx.send(3)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fourth)
+            # The fourth send is waiting while three messages are stored.
+            while tx.statistics().tasks_waiting_send == 0:
+                await anyio.sleep(0.01)
+            assert tx.statistics().current_buffer_used == 3
+            assert not done.is_set()
+            assert await rx.recv() == 0
+        assert done.is_set()
+        assert [await rx.recv() for _ in range(3)] == [1, 2, 3]
+
+
+def test_blocking_forms_and_nowait(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=1)
+    with tx, rx:
+        with pytest.raises(WouldBlock):
+            tx.send_nowait(1)
+        with pytest.raises(WouldBlock):
+            rx.recv_nowait()
+        tx.send_blocking("a", timeout=10)
+        with pytest.raises(TimeoutError):
+            tx.send_blocking("b", timeout=0.3)
+        assert rx.recv_blocking(timeout=10) == "a"
+        with pytest.raises(TimeoutError):
+            rx.recv_blocking(timeout=0.3)
+        tx.send_blocking("c", timeout=10)
+        assert rx.recv_blocking(timeout=10) == "c"  # "b" timed out: it was not sent
+
+
+@pytest.mark.anyio
+async def test_many(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=32)
+    async with tx, rx:
+        await tx.send_many(range(20))
+        got: list[int] = []
+        while len(got) < 20:
+            got += await rx.recv_many(8)
+        assert got == list(range(20))
+        with pytest.raises(ValueError):
+            await rx.recv_many(0)
+
+
+@pytest.mark.anyio
+async def test_shared_memory_only_methods_say_so(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    with tx, rx:
+        with pytest.raises(TypeError, match="shared-memory"):
+            tx.send_loan(4)
+        with pytest.raises(TypeError, match="shared-memory"):
+            rx.recv_view()
+        with pytest.raises(TypeError, match="shared-memory"):
+            await rx.recv_into(np.zeros(4))
+
+
+@pytest.mark.anyio
+async def test_closed_handles(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    tx2 = tx.clone()
+    tx.close()
+    tx.close()
+    with pytest.raises(ClosedResourceError):
+        await tx.send(1)
+    async with anyio.create_task_group() as tg:
+
+        async def waiter() -> None:
+            with pytest.raises(ClosedResourceError):
+                await rx.recv()
+
+        tg.start_soon(waiter)
+        while rx.statistics().tasks_waiting_receive == 0:
+            await anyio.sleep(0.01)
+        rx.close()
+    tx2.close()
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+@pytest.mark.anyio
+async def test_cancelled_send_sent_nothing(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=1)
+    async with tx, rx:
+        await tx.send("first")
+        with anyio.move_on_after(0.3) as scope:
+            await tx.send("cancelled")
+        assert scope.cancelled_caught
+        assert await rx.recv() == "first"
+        await tx.send("after")
+        assert await rx.recv() == "after"
+
+
+@pytest.mark.anyio
+async def test_cancelled_receive_took_nothing(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=64)
+    async with tx, rx:
+        with anyio.move_on_after(0.2):
+            await rx.recv()
+        count = 200
+        received: list[int] = []
+
+        async def produce() -> None:
+            for i in range(count):
+                await tx.send(i)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            timeouts = [0.0005, 0.001, 0.002, 0.005]
+            n = 0
+            while len(received) < count:
+                n += 1
+                # Many receives are cancelled while waiting, some right as a message
+                # is handed over: those must give it back, in order.
+                with anyio.move_on_after(timeouts[n % len(timeouts)]):
+                    received.append(await rx.recv())
+        assert received == list(range(count))
+
+
+def test_native_asyncio_cancellation(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=1)
+
+    async def main() -> None:
+        recv = asyncio.ensure_future(rx.recv())
+        await asyncio.sleep(0.2)
+        recv.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await recv
+        await tx.send("one")
+        send = asyncio.ensure_future(tx.send("cancelled"))
+        await asyncio.sleep(0.2)
+        send.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        assert await rx.recv() == "one"
+        await tx.send("two")
+        assert await rx.recv() == "two"
+        # Many native cancellations racing with deliveries lose nothing.
+        got: list[int] = []
+
+        async def produce() -> None:
+            for i in range(100):
+                await tx.send(i)
+
+        producer = asyncio.ensure_future(produce())
+        while len(got) < 100:
+            try:
+                got.append(await asyncio.wait_for(rx.recv(), 0.001 * (1 + len(got) % 3)))
+            except TimeoutError:
+                pass
+        await producer
+        assert got == list(range(100))
+
+    with tx, rx:
+        asyncio.run(main())
+
+
+# ---------------------------------------------------------------- processes
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_handles_passed_to_processes_are_owned_there(server: LocalServer, method: str) -> None:
+    """Two producer and three consumer processes: every message once, in order per
+    producer at every consumer; the parent closes its handles at once."""
+    ctx = multiprocessing.get_context(method)
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=16)
+    out = ctx.Queue()
+    count = 60
+    procs = [
+        ctx.Process(target=nats_workers.produce, args=(tx, p, count, "asyncio"))
+        for p in range(2)
+    ] + [
+        ctx.Process(target=nats_workers.consume, args=(rx, out, backend))
+        for backend in ("asyncio", "trio", "asyncio")
+    ]
+    for proc in procs:
+        proc.start()
+    tx.close()
+    rx.close()
+    results = [out.get(timeout=50) for _ in range(3)]
+    for proc in procs:
+        proc.join(10)
+        assert proc.exitcode == 0
+    everything = sorted(item for got in results for item in got)
+    assert everything == sorted((p, i) for p in range(2) for i in range(count))
+    for got in results:
+        for p in range(2):
+            mine = [i for q, i in got if q == p]
+            assert mine == sorted(mine)
+
+
+def test_pickled_handle_is_owned_where_unpickled(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    data = pickle.dumps(tx)
+    tx.close()
+    tx2 = pickle.loads(data)  # as another process, on any machine, would
+    with rx:
+        tx2.send_blocking(5, 10)
+        tx2.close()
+        assert rx.recv_blocking(10) == 5
+        with pytest.raises(EndOfStream):
+            rx.recv_blocking(10)
+
+
+def test_dead_sender_ends_the_stream_within_the_heartbeat(server: LocalServer) -> None:
+    url = channel_url(server, "heartbeat=1")
+    tx, rx = aioshm.nats.open_channel(url)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=nats_workers.hold_given_sender, args=(tx, ready))
+    child.start()
+    tx.close()
+    with rx:
+        assert ready.wait(30)
+        assert rx.recv_blocking(10) == "from the child"
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join()
+        killed = time.monotonic()
+        with pytest.raises(EndOfStream):
+            rx.recv_blocking(30)
+        # The documented bound: the heartbeat, plus the server's expiry and the
+        # receiver's check (and slack for a loaded machine).
+        assert time.monotonic() - killed < 1 + 4
+
+
+def test_dead_receiver_message_is_delivered_again(server: LocalServer) -> None:
+    url = channel_url(server, "ack_wait=1&prefetch=4&heartbeat=2")
+    tx, rx = aioshm.nats.open_channel(url, capacity=16)
+    with tx:
+        for i in range(10):
+            tx.send_blocking(i, 10)
+    child = multiprocessing.get_context("spawn").Process(
+        target=nats_workers.take_one_then_stop, args=(url,)
+    )
+    child.start()
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":  # stopped, holding
+            time.sleep(0.01)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join()
+    with rx:
+        got = [x for x in iter(lambda: _recv_or_none(rx), None)]
+        assert sorted(got) == list(range(1, 10))  # 0 was taken by the dead child
+        assert rx.statistics().redelivered_messages == 4
+
+
+def _recv_or_none(rx: aioshm.nats.ReceiveChannel[Any]) -> Any:
+    try:
+        return rx.recv_blocking(30)
+    except EndOfStream:
+        return None
+
+
+# ---------------------------------------------------------------- server faults
+
+
+def test_restarted_server_keeps_file_backed_messages(own_server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(own_server, "heartbeat=30"), capacity=8)
+    with tx, rx:
+        for i in range(3):
+            tx.send_blocking(i, 10)
+        own_server.stop()
+        own_server.start()
+        tx.send_blocking(3, 30)  # waits for the reconnection
+        assert [rx.recv_blocking(30) for _ in range(4)] == [0, 1, 2, 3]
+
+
+def test_send_waits_while_no_server_is_reachable(own_server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(own_server, "heartbeat=30"), capacity=8)
+    with tx, rx:
+        own_server.kill()
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tx.send, "while down")
+                await anyio.sleep(0.5)
+                own_server.start()
+            assert await rx.recv() == "while down"
+
+        anyio.run(main)
+
+
+def test_connect_timeout_names_the_url() -> None:
+    url = f"nats://127.0.0.1:{aioshm.nats._server.free_port()}/nobody"
+    started = time.monotonic()
+    with pytest.raises(OSError, match="nats://127.0.0.1:.*/nobody"):
+        aioshm.nats.open_channel(url, connect_timeout=0.5)
+    assert time.monotonic() - started < 10
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:4222/x", "unknown scheme"),
+        ("nats://127.0.0.1:4222", "no channel name"),
+        ("nats://127.0.0.1/x", "not host:port"),
+        ("nats://127.0.0.1:99999/x", "out of range"),
+        ("nats://127.0.0.1:4222/a.b", "letters, digits"),
+        ("nats://127.0.0.1:4222/x?replicas=zero", "not a number"),
+        ("nats://127.0.0.1:4222/x?storage=disk", "file or memory"),
+        ("nats://127.0.0.1:4222/x?colour=red", "unknown parameter"),
+        ("127.0.0.1:4222/x", "no scheme"),
+    ],
+)
+def test_malformed_urls(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        aioshm.nats.open_channel(url)
+
+
+def test_password_is_hidden_in_messages() -> None:
+    address = aioshm.nats.parse("nats://me:secret@h1:1,h2:2/c?replicas=3&storage=memory")
+    assert "secret" not in address.url and "secret" not in repr(address)
+    assert address.servers == ("nats://h1:1", "nats://h2:2")
+    assert (address.user, address.password, address.replicas, address.storage) == (
+        "me",
+        "secret",
+        3,
+        "memory",
+    )
+
+
+def test_missing_channel(server: LocalServer) -> None:
+    with pytest.raises(FileNotFoundError, match="no channel named"):
+        aioshm.nats.connect_receive(channel_url(server))
+    with pytest.raises(FileNotFoundError, match="no channel named"):
+        aioshm.nats.connect_send(channel_url(server))
+
+
+def test_existing_channel_with_other_sizes(server: LocalServer) -> None:
+    url = channel_url(server)
+    tx, rx = aioshm.nats.open_channel(url, capacity=4)
+    with tx, rx, pytest.raises(ValueError, match="capacity=4"):
+        aioshm.nats.open_channel(url, capacity=5)
+
+
+def test_server_without_jetstream(tmp_path: Path) -> None:
+    with LocalServer(tmp_path, jetstream=False) as plain:
+        with pytest.raises(OSError, match="JetStream"):
+            aioshm.nats.open_channel(channel_url(plain))
+        with pytest.raises(OSError, match="JetStream"):
+            aioshm.nats.connect_send(channel_url(plain))
+
+
+def test_unknown_option(server: LocalServer) -> None:
+    with pytest.raises(TypeError, match="colour"):
+        aioshm.nats.open_channel(channel_url(server), colour="red")
