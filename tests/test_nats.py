@@ -7,6 +7,7 @@ a temporary directory, and killed at teardown; every test uses a channel of its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -282,10 +283,8 @@ def test_native_asyncio_cancellation(server: LocalServer) -> None:
 
         producer = asyncio.ensure_future(produce())
         while len(got) < 100:
-            try:
+            with contextlib.suppress(TimeoutError):
                 got.append(await asyncio.wait_for(rx.recv(), 0.001 * (1 + len(got) % 3)))
-            except TimeoutError:
-                pass
         await producer
         assert got == list(range(100))
 
@@ -305,8 +304,7 @@ def test_handles_passed_to_processes_are_owned_there(server: LocalServer, method
     out = ctx.Queue()
     count = 60
     procs = [
-        ctx.Process(target=nats_workers.produce, args=(tx, p, count, "asyncio"))
-        for p in range(2)
+        ctx.Process(target=nats_workers.produce, args=(tx, p, count, "asyncio")) for p in range(2)
     ] + [
         ctx.Process(target=nats_workers.consume, args=(rx, out, backend))
         for backend in ("asyncio", "trio", "asyncio")
@@ -423,7 +421,7 @@ def test_send_waits_while_no_server_is_reachable(own_server: LocalServer) -> Non
 def test_connect_timeout_names_the_url() -> None:
     url = f"nats://127.0.0.1:{aioshm.nats._server.free_port()}/nobody"
     started = time.monotonic()
-    with pytest.raises(OSError, match="nats://127.0.0.1:.*/nobody"):
+    with pytest.raises(OSError, match=r"nats://127\.0\.0\.1:\d+/nobody"):
         aioshm.nats.open_channel(url, connect_timeout=0.5)
     assert time.monotonic() - started < 10
 

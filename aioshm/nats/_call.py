@@ -20,6 +20,7 @@ made under one lock, which is what makes "cancelled" and "done" exclusive.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -37,10 +38,8 @@ PENDING, ATTEMPT, DONE, FAILED, ABANDONED = range(5)
 
 def _notify_loop(token: EventLoopToken, event: anyio.Event) -> Callable[[], None]:
     def notify() -> None:
-        try:
+        with contextlib.suppress(anyio.RunFinishedError, RuntimeError):  # the caller's loop is gone
             token.backend_class.run_sync_soon(event.set, (), token.native_token)
-        except (anyio.RunFinishedError, RuntimeError):  # the caller's loop is gone
-            pass
 
     return notify
 

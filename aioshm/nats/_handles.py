@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import Iterable
@@ -25,13 +26,13 @@ from anyio import ClosedResourceError, WouldBlock
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from nats.aio.msg import Msg
 
-from .. import _ownership
-from .._channel import ChannelStatistics, _note_partial
-from .._codec import decode, encode_bytes
-from . import _bridge
-from ._call import PENDING, Call
-from ._link import Link, _broken, get_link
-from ._url import Address, parse
+from aioshm import _ownership
+from aioshm._channel import ChannelStatistics, _note_partial
+from aioshm._codec import decode, encode_bytes
+from aioshm.nats import _bridge
+from aioshm.nats._call import PENDING, Call
+from aioshm.nats._link import Link, _broken, get_link
+from aioshm.nats._url import Address, parse
 
 __all__ = ["ReceiveChannel", "SendChannel"]
 
@@ -199,10 +200,8 @@ class _Handle:
             link = self._link
             self._closed = True
             self._owned = False
-            try:
+            with contextlib.suppress(Exception):
                 _bridge.run(link.unregister(self._subject), timeout=5)
-            except Exception:
-                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._owned else "not owned"
@@ -215,9 +214,7 @@ def _claimed_link(address: Address, options: dict[str, Any], subject: str) -> Li
     return link
 
 
-def _rebuild(
-    cls: type[_Handle], url: str, options: dict[str, Any], subject: str
-) -> _Handle:
+def _rebuild(cls: type[_Handle], url: str, options: dict[str, Any], subject: str) -> _Handle:
     address = parse(url)
     return cls(_claimed_link(address, options, subject), address, options, subject)
 
@@ -383,7 +380,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         receiver that dies after that does not get it delivered again elsewhere; a
         cancellation that arrives during that round trip is deferred.
         """
-        return (await self.recv_many(1))[0]  # type: ignore[no-any-return]
+        return (await self.recv_many(1))[0]
 
     recv = receive
 

@@ -20,6 +20,7 @@ Server-side layout of a channel ``C`` (created by ``open_channel``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
@@ -351,17 +352,17 @@ class Link:
     async def unregister(self, subject: str) -> None:
         """A handle of this process closed: stop counting it."""
         self.forget(subject)
-        try:
+        with contextlib.suppress(
+            nats.errors.Error, OSError
+        ):  # it expires after one heartbeat instead
             await self.js.purge_stream(self.hb_stream, subject=subject)
-        except (nats.errors.Error, OSError):
-            pass  # it expires after one heartbeat instead
         await self.refresh()
 
     async def refresh(self) -> Counts:
         """Count the open handles of every process, asking the server."""
         info = await self.js.stream_info(self.hb_stream, subjects_filter=f"{self.hb_prefix}.>")
         senders = receivers = 0
-        for subject in (info.state.subjects or {}).keys():
+        for subject in info.state.subjects or {}:
             side = subject[len(self.hb_prefix) + 1 : len(self.hb_prefix) + 2]
             if side == "s":
                 senders += 1
@@ -444,10 +445,8 @@ class Link:
             return
 
     async def _refresh_quietly(self) -> None:
-        try:
+        with contextlib.suppress(nats.errors.Error, OSError):
             await self.refresh()
-        except (nats.errors.Error, OSError):
-            pass
 
     # ---------------------------------------------------------------- receiving
 
@@ -457,7 +456,7 @@ class Link:
         with self.lock:
             if self.waiters or not self.buffer:
                 return []
-            taken = []
+            taken: list[Msg] = []
             while self.buffer and len(taken) < max_items:
                 taken.append(self.buffer.popleft()[0])
             return taken
@@ -487,10 +486,8 @@ class Link:
         self._sub = await self.nc.subscribe(self._inbox, cb=self._arrived)
         next_eos_check = 0.0
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), EOS_EVERY / 2)
-            except TimeoutError:
-                pass
             self._poke.clear()
             now = time.monotonic()
             while self.requests and self.requests[0][0] < now:
@@ -502,9 +499,7 @@ class Link:
                     demand += self.address.prefetch
                 demand -= len(self.buffer) + sum(int(r[1]) for r in self.requests)
                 waiting = bool(self.waiters)
-                stale = [
-                    m for m, at in self.buffer if not self.waiters and now - at > self._hold()
-                ]
+                stale = [m for m, at in self.buffer if not self.waiters and now - at > self._hold()]
                 if stale:
                     self.buffer.clear()
             for msg in stale:
@@ -619,22 +614,18 @@ class Link:
     async def _event(self, kind: str, msg: Msg) -> None:
         meta = msg.metadata
         msg_id = f"{kind}.{meta.sequence.stream}.{meta.num_delivered}"
-        try:
+        with contextlib.suppress(nats.errors.Error, OSError):
             await self.js.publish(
                 f"{self.ev_prefix}.{kind}",
                 b"",
                 timeout=REQUEST_TIMEOUT,
                 headers={"Nats-Msg-Id": msg_id},
             )
-        except (nats.errors.Error, OSError):
-            pass
 
     async def _give_back(self, msg: Msg) -> None:
         await self._event("returned", msg)
-        try:
+        with contextlib.suppress(nats.errors.Error, OSError):  # redelivered after ack_wait instead
             await msg.nak()
-        except (nats.errors.Error, OSError):
-            pass  # redelivered after ack_wait instead
 
     async def _give_back_buffer(self) -> None:
         with self.lock:
@@ -707,10 +698,8 @@ def close_links() -> None:
         links = list(_links.values())
         _links.clear()
     for link in links:
-        try:
+        with contextlib.suppress(Exception):
             _bridge.run(link.close(), timeout=10)
-        except Exception:
-            pass
 
 
 def _reset_in_child() -> None:
