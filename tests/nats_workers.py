@@ -55,3 +55,39 @@ def hold_given_sender(tx: aioshm.nats.SendChannel[Any], ready: Any) -> None:
     tx.send_blocking("from the child", 30)
     ready.set()
     signal.pause()
+
+
+def connect_and_produce(url: str, producer: int, count: int, connected: Any) -> None:
+    """Connect a sender by URL, say so, send ``(producer, i)`` for every i, close."""
+    tx = aioshm.nats.connect_send(url, connect_timeout=20)
+    with connected.get_lock():
+        connected.value += 1
+
+    async def main() -> None:
+        async with tx:
+            for i in range(count):
+                await tx.send((producer, i))
+
+    anyio.run(main)
+
+
+def connect_and_consume(url: str, received: Any, connected: Any, out: Any) -> None:
+    """Connect a receiver by URL and receive in batches until the end of the stream,
+    counting in ``received``; then put everything received on ``out``."""
+    rx = aioshm.nats.connect_receive(url, connect_timeout=20)
+    with connected.get_lock():
+        connected.value += 1
+
+    async def main() -> list[Any]:
+        got: list[Any] = []
+        async with rx:
+            while True:
+                try:
+                    batch = await rx.recv_many(64)
+                except anyio.EndOfStream:
+                    return got
+                got += batch
+                with received.get_lock():
+                    received.value += len(batch)
+
+    out.put(anyio.run(main))
