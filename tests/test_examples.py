@@ -149,6 +149,17 @@ def test_mixed_sync_async_example(method: str) -> None:
     assert (count, total) == (300, 16 * sum(range(300)))
 
 
+@pytest.mark.timeout(90)
+def test_across_machines_example_starts_its_own_server() -> None:
+    pytest.importorskip("nats")
+    result = run("examples/across_machines.py", "--frames", "12")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:1] == ["started a local nats-server"]
+    assert "producer: sent 12 frames" in lines
+    assert "consumer: received 12 frames, in order" in lines
+
+
 def test_every_example_is_tested() -> None:
     """A new example needs a test here (and a line in docs/getting-started.md)."""
     source = Path(__file__).read_text()

@@ -485,3 +485,39 @@ def test_server_without_jetstream(tmp_path: Path) -> None:
 def test_unknown_option(server: LocalServer) -> None:
     with pytest.raises(TypeError, match="colour"):
         aioshm.nats.open_channel(channel_url(server), colour="red")
+
+
+# ---------------------------------------------------------------- docs and example
+
+
+def test_across_machines_page_snippets_run(server: LocalServer, tmp_path: Path) -> None:
+    """Every python block of docs/across-machines.md runs, in order, against a live
+    server (its address put in place of 127.0.0.1:4222); a ```text block right after
+    one is its exact output."""
+    from .test_examples import _BLOCK, ROOT, run
+
+    text = (ROOT / "docs" / "across-machines.md").read_text()
+    blocks = list(_BLOCK.finditer(text))
+    ran = 0
+    for i, block in enumerate(blocks):
+        if block[1] != "python":
+            continue
+        code = block[2].replace("127.0.0.1:4222", f"127.0.0.1:{server.port}")
+        script = tmp_path / f"snippet{i}.py"
+        script.write_text(code)
+        result = run(str(script), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        following = blocks[i + 1] if i + 1 < len(blocks) else None
+        if following is not None and following[1] == "text":
+            assert result.stdout.splitlines() == following[2].splitlines()
+        ran += 1
+    assert ran == 2
+
+
+def test_across_machines_example_with_a_url(server: LocalServer) -> None:
+    from .test_examples import run
+
+    result = run("examples/across_machines.py", channel_url(server), "--frames", "5")
+    assert result.returncode == 0, result.stderr
+    assert "started a local nats-server" not in result.stdout
+    assert "consumer: received 5 frames, in order" in result.stdout.splitlines()

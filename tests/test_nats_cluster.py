@@ -51,14 +51,10 @@ def _run(
     connected = ctx.Value("q", 0)
     out = ctx.Queue()
     procs = [
-        ctx.Process(
-            target=nats_workers.connect_and_produce, args=(url, p, count, connected)
-        )
+        ctx.Process(target=nats_workers.connect_and_produce, args=(url, p, count, connected))
         for p in range(producers)
     ] + [
-        ctx.Process(
-            target=nats_workers.connect_and_consume, args=(url, received, connected, out)
-        )
+        ctx.Process(target=nats_workers.connect_and_consume, args=(url, received, connected, out))
         for _ in range(consumers)
     ]
     for proc in procs:
