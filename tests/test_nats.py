@@ -128,6 +128,23 @@ async def test_broken_when_every_receiver_is_gone(server: LocalServer) -> None:
 
 
 @pytest.mark.anyio
+async def test_waiting_sender_breaks_when_the_last_receiver_closes(server: LocalServer) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=1)
+    with tx:
+        await tx.send(1)
+        async with anyio.create_task_group() as tg:
+
+            async def waiting_send() -> None:
+                with pytest.raises(BrokenResourceError):
+                    await tx.send(2)
+
+            tg.start_soon(waiting_send)
+            while tx.statistics().tasks_waiting_send == 0:
+                await anyio.sleep(0.01)
+            rx.close()
+
+
+@pytest.mark.anyio
 async def test_bounded_send_waits_and_never_drops(server: LocalServer) -> None:
     tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=3)
     async with tx, rx:
