@@ -152,7 +152,7 @@ def test_mixed_sync_async_example(method: str) -> None:
 @pytest.mark.timeout(90)
 def test_across_machines_example_starts_its_own_server() -> None:
     pytest.importorskip("nats")
-    result = run("examples/across_machines.py", "--frames", "12")
+    result = run("examples/across_machines.py", "--frames", "12", "--start-method", "forkserver")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[:1] == ["started a local nats-server"]

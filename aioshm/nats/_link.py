@@ -376,8 +376,11 @@ class Link:
         while True:
             await asyncio.sleep(self.heartbeat / 4)
             try:
+                # Plain publishes, stored by the stream without a reply to wait for: a
+                # slow reply must not delay the other handles' beats.
                 for subject in list(self.owned):
-                    await self.js.publish(subject, b"open", timeout=REQUEST_TIMEOUT)
+                    await self.nc.publish(subject, b"open")
+                await self.nc.flush(timeout=REQUEST_TIMEOUT)
                 now = time.monotonic()
                 for subject, (seq, deadline) in list(self.reservations.items()):
                     if now > deadline:
