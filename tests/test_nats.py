@@ -551,3 +551,16 @@ def test_across_machines_example_with_a_url(server: LocalServer) -> None:
     assert result.returncode == 0, result.stderr
     assert "started a local nats-server" not in result.stdout
     assert "consumer: received 5 frames, in order" in result.stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_network_benchmark_runs() -> None:
+    from .test_examples import run
+
+    result = run("-m", "aioshm.bench.network", "--quick")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for label in ("10 x float64", "8 MiB array"):
+        assert f"{label}: raw JetStream" in out
+        assert f"{label}: aioshm over NATS" in out
+    assert "round trip: aioshm over NATS" in out
