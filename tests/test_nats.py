@@ -564,3 +564,35 @@ def test_network_benchmark_runs() -> None:
         assert f"{label}: raw JetStream" in out
         assert f"{label}: aioshm over NATS" in out
     assert "round trip: aioshm over NATS" in out
+
+
+def test_serve_nats_command() -> None:
+    """``python -m aioshm serve-nats`` serves channels, and takes its server down
+    with it on SIGTERM."""
+    import subprocess
+    import sys
+
+    port = aioshm.nats._server.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aioshm", "serve-nats", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(
+            f"nats-server with JetStream at nats://127.0.0.1:{port}"
+        )
+        tx, rx = aioshm.nats.open_channel(f"nats://127.0.0.1:{port}/served")
+        with tx, rx:
+            tx.send_blocking("hello", 10)
+            assert rx.recv_blocking(10) == "hello"
+        close_links()
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(OSError, match=str(port)):  # the server went with it
+        aioshm.nats.connect_send(f"nats://127.0.0.1:{port}/served", connect_timeout=0.5)
