@@ -121,6 +121,7 @@ class Link:
         self._pump: asyncio.Task[None] | None = None
         self._poke: asyncio.Event | None = None
         self._last_arrival = 0.0
+        self._reconnected_at = -float("inf")
         self._acks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- setup
@@ -135,7 +136,7 @@ class Link:
             "reconnect_time_wait": 0.25,
             "error_cb": _ignore,
             "disconnected_cb": _ignore,
-            "reconnected_cb": _ignore,
+            "reconnected_cb": self._reconnected,
             "closed_cb": _ignore,
             "name": f"aioshm {address.channel}",
         }
@@ -581,7 +582,18 @@ class Link:
         confirmed = await asyncio.gather(*(self._ack(m) for m in msgs))
         return [m for m, ok in zip(msgs, confirmed, strict=True) if ok]
 
+    async def _reconnected(self) -> None:
+        """Back from a disconnection: re-publish this process's handles now."""
+        self._reconnected_at = time.monotonic()
+        with contextlib.suppress(nats.errors.Error, OSError):
+            for subject in list(self.owned):
+                await self.nc.publish(subject, b"open")
+
     async def _check_end(self) -> None:
+        # Right after a reconnection, other processes' handles may have expired while
+        # the server was out of reach: give them one heartbeat to come back first.
+        if time.monotonic() - self._reconnected_at < self.heartbeat:
+            return
         try:
             counts = await self.refresh()
             if counts.senders:
