@@ -600,3 +600,32 @@ def test_serve_nats_command() -> None:
             proc.wait()
     with pytest.raises(OSError, match=str(port)):  # the server went with it
         aioshm.nats.connect_send(f"nats://127.0.0.1:{port}/served", connect_timeout=0.5)
+
+
+def test_tls(tmp_path: Path) -> None:
+    """``tls://`` with a CA file: a channel works; without the CA, the connection is
+    refused with an OSError naming the URL."""
+    import subprocess
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    key = ["-newkey", "rsa:2048", "-nodes"]
+    openssl("req", "-x509", *key, "-days", "1", "-subj", "/CN=test CA", "-keyout", "ca.key",
+            "-out", "ca.pem")  # fmt: skip
+    openssl("req", *key, "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", "san.ext",
+            "-out", "server.pem")  # fmt: skip
+    tls = (str(tmp_path / "server.pem"), str(tmp_path / "server.key"))
+    with LocalServer(tmp_path / "store", tls=tls) as secure:
+        url = f"{secure.url}/secure"
+        assert url.startswith("tls://")
+        tx, rx = aioshm.nats.open_channel(url, tls_ca=str(tmp_path / "ca.pem"))
+        with tx, rx:
+            tx.send_blocking(np.arange(3), 10)
+            np.testing.assert_array_equal(rx.recv_blocking(10), np.arange(3))
+        close_links()
+        with pytest.raises(OSError, match="tls://127"):
+            aioshm.nats.connect_send(url, connect_timeout=1)

@@ -68,6 +68,7 @@ class LocalServer:
     :param jetstream: enable JetStream (off: a plain NATS server, for tests of errors)
     :param cluster: ``(cluster_port, [route ports of the other nodes])`` for a node of
         a cluster (see :class:`LocalCluster`)
+    :param tls: ``(certificate file, key file)``: clients must connect with TLS
     """
 
     def __init__(
@@ -78,12 +79,14 @@ class LocalServer:
         name: str = "aioshm-local",
         cluster: tuple[int, Sequence[int]] | None = None,
         port: int | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="aioshm-nats-"))
         self.jetstream = jetstream
         self.name = name
         self.cluster = cluster
+        self.tls = tls
         self.port = port or free_port()
         self.monitor_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -91,8 +94,8 @@ class LocalServer:
 
     @property
     def url(self) -> str:
-        """``nats://127.0.0.1:PORT``."""
-        return f"nats://127.0.0.1:{self.port}"
+        """``nats://127.0.0.1:PORT`` (``tls://`` for a server with TLS)."""
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
     def _config(self) -> str:
         lines = [
@@ -103,6 +106,9 @@ class LocalServer:
         ]
         if self.jetstream:
             lines.append(f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}")
+        if self.tls is not None:
+            cert, key = (json.dumps(str(path)) for path in self.tls)
+            lines.append(f"tls {{ cert_file: {cert}, key_file: {key} }}")
         if self.cluster is not None:
             cluster_port, routes = self.cluster
             route_list = ", ".join(f"nats-route://127.0.0.1:{p}" for p in routes)
