@@ -629,3 +629,22 @@ def test_tls(tmp_path: Path) -> None:
         close_links()
         with pytest.raises(OSError, match="tls://127"):
             aioshm.nats.connect_send(url, connect_timeout=1)
+
+
+def test_sender_that_closes_and_exits_ends_the_stream_at_once(server: LocalServer) -> None:
+    """A closed handle counts out when it closes, not when its heartbeat expires (30 s
+    here), even if its process exits right after."""
+    tx, rx = aioshm.nats.open_channel(channel_url(server, "heartbeat=30"))
+    child = multiprocessing.get_context("fork").Process(
+        target=nats_workers.produce, args=(tx, 0, 3, "asyncio")
+    )
+    child.start()
+    tx.close()
+    with rx:
+        assert [rx.recv_blocking(10) for _ in range(3)] == [(0, 0), (0, 1), (0, 2)]
+        child.join(30)
+        assert child.exitcode == 0
+        exited = time.monotonic()
+        with pytest.raises(EndOfStream):
+            rx.recv_blocking(30)
+        assert time.monotonic() - exited < 10

@@ -31,7 +31,7 @@ from aioshm._channel import ChannelStatistics, _note_partial
 from aioshm._codec import decode, encode_bytes
 from aioshm.nats import _bridge
 from aioshm.nats._call import PENDING, Call
-from aioshm.nats._link import Link, _broken, get_link
+from aioshm.nats._link import REQUEST_TIMEOUT, Link, _broken, get_link
 from aioshm.nats._url import Address, parse
 
 __all__ = ["ReceiveChannel", "SendChannel"]
@@ -105,7 +105,8 @@ class _Handle:
         return type(self)(link, self._address, self._options, subject)
 
     def close(self) -> None:
-        """Close this handle. Idempotent.
+        """Close this handle. Idempotent. It waits for the server to count it out (a
+        round trip, blocking the calling thread).
 
         Calls of this process waiting on it get ``ClosedResourceError``. Closing the last
         send handle of every process ends the stream for receivers (after what is
@@ -122,10 +123,16 @@ class _Handle:
         if self._owned and link is not None:
             self._owned = False
             link.forget(self._subject)
-            _bridge.spawn(self._unregister(link))
+            self._unregister(link)
 
-    async def _unregister(self, link: Link) -> None:
-        await link.unregister(self._subject)
+    def _unregister(self, link: Link) -> None:
+        """Tell the server, and wait for it (a round trip), so that a process that
+        exits right after closing is not counted until its heartbeat expires."""
+        if _bridge.on_loop():
+            _bridge.spawn(link.unregister(self._subject))
+            return
+        with contextlib.suppress(Exception):  # then it expires after one heartbeat
+            _bridge.run(link.unregister(self._subject), timeout=REQUEST_TIMEOUT)
 
     async def aclose(self) -> None:
         """Close this handle (see :meth:`close`)."""
@@ -196,12 +203,8 @@ class _Handle:
         self._link = None
 
     def _close_at_exit(self) -> None:
-        if self._owned and not self._closed and self._link is not None:
-            link = self._link
-            self._closed = True
-            self._owned = False
-            with contextlib.suppress(Exception):
-                _bridge.run(link.unregister(self._subject), timeout=5)
+        if self._owned and not self._closed:
+            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._owned else "not owned"
