@@ -8,15 +8,18 @@ blocking form (``*_blocking``) for code with no event loop. Messages are encoded
 nothing sent and nothing held.
 
 **Cancellation.** An async operation either completes and returns, or raises the
-cancellation and did not happen: the only cancellation points are the waits before
-the operation, never the operation itself. This holds for anyio cancel scopes, trio,
-and native asyncio cancellation (``Task.cancel()``, ``asyncio.timeout``,
-``asyncio.wait_for``).
+cancellation and did not happen: the cancellation points are the start of the call and
+the waits before the operation, never the operation itself. This holds for anyio cancel
+scopes, trio, and native asyncio cancellation (``Task.cancel()``, ``asyncio.timeout``,
+``asyncio.wait_for``). Every async call is a cancel point, as in trio: a call made
+while its task has a cancellation pending raises it and does nothing, even if it could
+proceed at once (see :mod:`aioshm._checkpoint` for how that is seen without a yield).
 
 **Scheduling.** An operation that can proceed at once never touches a thread. It yields
-to the event loop on one call in :data:`YIELD_EVERY` (a checkpoint, taken *before* the
-operation), so a task sending in a loop into a channel that never fills still lets the
-other tasks of its loop run, without paying for a checkpoint on every message.
+to the event loop on one call in :data:`~aioshm._checkpoint.YIELD_EVERY` (a checkpoint,
+taken *before* the operation), so a task sending in a loop into a channel that never
+fills still lets the other tasks of its loop run, without paying for a checkpoint on
+every message.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.lowlevel import checkpoint
 
 from . import _ownership
+from ._checkpoint import YIELD_EVERY, cancel_pending
 from ._codec import Message, copy_into, decode, encode, loan_layout, view
 from ._layout import HEADER_RESERVE
 from ._posix import Reentered, supported
@@ -49,9 +53,6 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 T_contra = TypeVar("T_contra", contravariant=True)
 Array = np.ndarray[Any, np.dtype[Any]]
-
-#: An operation that can proceed at once yields to the event loop once in this many calls.
-YIELD_EVERY = 16
 
 
 class ChannelStatistics(NamedTuple):
@@ -160,9 +161,10 @@ class _Handle:
         )
 
     async def _tick(self) -> None:
-        """The fairness yield (inlined in the hottest paths)."""
+        """The cancel point and fairness yield that begins every async operation
+        (inlined in the hottest paths): see :mod:`aioshm._checkpoint`."""
         self._ticks += 1
-        if self._ticks >= YIELD_EVERY:
+        if self._ticks >= YIELD_EVERY or cancel_pending():
             self._ticks = 0
             await checkpoint()
 
@@ -239,7 +241,17 @@ class _Handle:
             )
 
     def statistics(self) -> ChannelStatistics:
-        """A snapshot of the channel (see :class:`ChannelStatistics`)."""
+        """A snapshot of the channel (see :class:`ChannelStatistics`).
+
+        **How it differs from anyio's memory streams.** anyio hands an item to a waiting
+        task synchronously: after ``receive_nowait()`` frees room, a waiting sender's item
+        is already in the buffer and ``tasks_waiting_send`` has dropped. Here the waiter
+        may be in another process, so it cannot be handed a slot: it is woken and takes
+        one itself when it next runs. Until then ``current_buffer_used`` has dropped and
+        the waiter is still counted in ``tasks_waiting_send`` (likewise for a receiver
+        woken by ``send_nowait()``, in ``tasks_waiting_receive``). Counts of tasks are of
+        this process; counts of handles are of every process.
+        """
         self._queue.maybe_sweep()
         counters = self._queue.counters()
         send_hub, recv_hub = self._channel.hubs
@@ -368,12 +380,13 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         ``ClosedResourceError`` if this handle is closed while the call waits, and
         ``BrokenResourceError`` if the last receive handle closes meanwhile.
 
-        Cancellation: only the wait for a slot is a cancellation point; if cancelled, the
-        item was not sent, and nothing is held for it. A call that does not have to wait
-        is not always a checkpoint: it yields to the event loop once in 16 calls.
+        Cancellation: the call is a cancel point, and so is the wait for a slot; if
+        cancelled, the item was not sent, and nothing is held for it. A call that does
+        not have to wait yields to the event loop (a schedule point) only once in 16
+        calls, but always raises a cancellation already pending when it is made.
         """
         self._ticks += 1
-        if self._ticks >= YIELD_EVERY:
+        if self._ticks >= YIELD_EVERY or cancel_pending():
             self._ticks = 0
             await checkpoint()
         if not self._usable:
@@ -403,8 +416,9 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         Every item is encoded first, so a bad item (``ValueError``, ``TypeError``) fails
         the batch with nothing sent. Otherwise raises as :meth:`send`.
 
-        Cancellation: the batch can only be cancelled while it waits for room. If that
-        happens before the first round, nothing was sent. Otherwise the items of the
+        Cancellation: the batch can only be cancelled when it starts (then nothing was
+        sent) and while it waits for room. If that happens before the first round,
+        nothing was sent. Otherwise the items of the
         rounds already done stay sent (published messages cannot be recalled) and the
         cancellation carries their number: see :func:`aioshm.items_sent`. So does any
         other exception that interrupts the batch between rounds (the channel broken or
@@ -452,7 +466,8 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         On entering the block, raises as :meth:`send` does; on a normal exit,
         ``ClosedResourceError`` if this handle was closed meanwhile (nothing is sent).
 
-        Cancellation: only the wait for a slot, on entering, is a cancellation point.
+        Cancellation: only entering is a cancellation point (the start, and the wait for
+        a slot); if cancelled there, nothing is held.
         """
         return _Loan(self, shape, dtype)
 
@@ -591,12 +606,13 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         Raises as :meth:`receive_nowait` does (but never ``WouldBlock``), including
         ``ClosedResourceError`` if this handle is closed while the call waits.
 
-        Cancellation: only the wait is a cancellation point; if cancelled, nothing was
-        received: the message stays for the next receiver. A call that does not have to
-        wait is not always a checkpoint: it yields to the event loop once in 16 calls.
+        Cancellation: the call is a cancel point, and so is the wait; if cancelled,
+        nothing was received: the message stays for the next receiver. A call that does
+        not have to wait yields to the event loop (a schedule point) only once in 16
+        calls, but always raises a cancellation already pending when it is made.
         """
         self._ticks += 1
-        if self._ticks >= YIELD_EVERY:
+        if self._ticks >= YIELD_EVERY or cancel_pending():
             self._ticks = 0
             await checkpoint()
         if not self._usable:
@@ -664,8 +680,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
         Otherwise raises as :meth:`receive` (``EndOfStream`` once the stream has ended).
 
-        Cancellation: only the wait, on entering, is a cancellation point; if cancelled
-        there, nothing was received.
+        Cancellation: only entering is a cancellation point (the start, and the wait);
+        if cancelled there, nothing was received.
         """
         return _View(self)
 

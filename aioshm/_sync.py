@@ -38,6 +38,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from anyio import CancelScope, WouldBlock, get_cancelled_exc_class
 from anyio.lowlevel import checkpoint
 
+from ._checkpoint import YIELD_EVERY, cancel_pending
 from ._layout import MAX_PROCS, Segment
 from ._posix import supported
 from ._shared import INFINITE, SEND, SharedObject
@@ -61,8 +62,6 @@ T = TypeVar("T")
 
 #: The one doorbell these objects use (a segment has two; the second stays unused).
 WAIT: Final = SEND
-#: An acquire or wait that proceeds at once yields to the event loop once in this many.
-YIELD_EVERY: Final = 16
 
 # Control fields of a lock.
 _L_ENTRY: Final = 17  # holder's process-table entry + 1; 0 when free (the commit field)
@@ -192,8 +191,10 @@ class _State(SharedObject):
         return self.maybe_sweep()
 
     async def tick(self) -> None:
+        """The cancel point and fairness yield that begins every async call (see
+        :mod:`aioshm._checkpoint`)."""
         self.ticks += 1
-        if self.ticks >= YIELD_EVERY:
+        if self.ticks >= YIELD_EVERY or cancel_pending():
             self.ticks = 0
             await checkpoint()
 
@@ -670,10 +671,11 @@ class _LockBase:
         that can proceed at once takes no thread at all. A task that acquires a
         :class:`Lock` it already holds waits, as with ``asyncio.Lock``.
 
-        Cancellation: if cancelled (anyio or trio cancel scope, or native asyncio
-        ``Task.cancel()``, ``asyncio.timeout``, ``asyncio.wait_for``), the lock was not
-        acquired and nothing is left behind; a wake-up the task had received is passed
-        on to another waiter.
+        Cancellation: every call is a cancel point, even when the lock is free. If
+        cancelled (anyio or trio cancel scope, or native asyncio ``Task.cancel()``,
+        ``asyncio.timeout``, ``asyncio.wait_for``), the lock was not acquired and
+        nothing is left behind; a wake-up the task had received is passed on to another
+        waiter.
         """
         state = self._state
         await state.tick()
@@ -879,8 +881,9 @@ class Semaphore:
         A permit taken this way is consumed (see the class docstring): it is not given
         back if the process dies. ``async with sem:`` takes one that is.
 
-        Cancellation: if cancelled (anyio or trio cancel scope, or native asyncio
-        cancellation), no permit was taken, and a wake-up the task had received is
+        Cancellation: every call is a cancel point, even with a permit free. If
+        cancelled (anyio or trio cancel scope, or native asyncio cancellation), no
+        permit was taken, and a wake-up the task had received is
         passed on to another waiter.
         """
         state = self._state
@@ -1024,8 +1027,9 @@ class Event:
 
         Returns at once if it is set, taking no thread.
 
-        Cancellation: if cancelled, nothing is left behind: the event is unchanged
-        and other waiters are not affected.
+        Cancellation: every call is a cancel point, even when the flag is set. If
+        cancelled, nothing is left behind: the event is unchanged and other waiters
+        are not affected.
         """
         state = self._state
         await state.tick()
@@ -1156,6 +1160,7 @@ class Condition:
         owner = _task_owner()
         if not lock._state.held_by_caller(owner):
             raise RuntimeError("wait() needs the Condition's lock held by the caller")
+        await state.tick()  # a pending cancellation raises here, the lock still held
         entry = state.my_entry()
         state.add_ticket(entry)
         try:
@@ -1186,9 +1191,11 @@ class Condition:
 
         :raises RuntimeError: the calling task does not hold the lock
 
-        Cancellation: as :meth:`wait`; the lock is held when the cancellation
+        Cancellation: as :meth:`wait`, and the call is a cancel point even when
+        ``predicate()`` is already true; the lock is held when the cancellation
         propagates.
         """
+        await self._state.tick()
         result = predicate()
         while not result:
             await self.wait()

@@ -16,6 +16,7 @@ from aioshm.bench.contenders import CONTENDERS
 from aioshm.bench.workloads import WORKLOADS
 
 ROOT = Path(__file__).resolve().parent.parent
+HAVE_ICEORYX2 = importlib.util.find_spec("iceoryx2") is not None
 
 
 def _sections(page: str) -> dict[str, str]:
@@ -61,12 +62,14 @@ def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
         assert workload.title in sections, f"no section for {workload.key}"
         body = sections[workload.title]
         for contender in CONTENDERS:
-            if workload.key not in contender.workloads:
+            if not contender.takes_part(workload):
                 continue
             rows = [line for line in body.splitlines() if line.startswith(f"| {contender.label} |")]
             assert rows, f"{contender.key} missing from {workload.key}"
             if "skipped" in rows[0]:
                 assert f"- {contender.label}: skipped" in body
+            if contender.key.startswith("iceoryx2") and HAVE_ICEORYX2:
+                assert "failed" not in rows[0] and "skipped" not in rows[0], rows[0]
 
     if importlib.util.find_spec("matplotlib") is not None:
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -92,3 +95,34 @@ def test_only_and_no_write(tmp_path: Path) -> None:
     assert WORKLOADS["latency"].title in sections
     assert WORKLOADS["small"].title not in sections
     assert not list(tmp_path.iterdir()), "--no-write wrote files"
+
+
+@pytest.mark.skipif(not HAVE_ICEORYX2, reason="iceoryx2 is not installed (the bench extra)")
+@pytest.mark.parametrize("blocking", [True, False], ids=["wait", "poll"])
+@pytest.mark.timeout(60)
+def test_iceoryx2_count_is_checked(monkeypatch: pytest.MonkeyPatch, blocking: bool) -> None:
+    """iceoryx2 drops silently when misconfigured: the bench's receiver must notice a
+    count that falls short (a stall) or goes over, rather than report a figure."""
+    from aioshm.bench import iox
+    from aioshm.bench.workloads import WORKLOADS
+
+    monkeypatch.setattr(iox, "STALL", 0.5)
+    workload = WORKLOADS["small"]
+    data = workload.data()
+    name = f"aioshm-test/{os.getpid()}/{blocking}"
+    receiver = iox._Receiver(name, workload, data, blocking, in_place=False)
+    sender = iox._Sender(name, workload, data, blocking)
+    try:
+        for _ in range(3):
+            sender.send(data)
+        for index in range(2):
+            assert receiver.recv_some(index, 3 - index) == 1
+        assert receiver.recv_some(2, 1) == 1
+        assert receiver.verified()
+        sender.send(data)  # one more than counted
+        assert not receiver.verified()
+        with pytest.raises(RuntimeError, match="delivered 3 message"):
+            receiver.recv()  # nothing comes
+    finally:
+        sender.finish()
+        receiver.finish()

@@ -16,8 +16,8 @@ from .workloads import WORKLOADS
 
 __all__ = ["main"]
 
-#: Rounds of a full run.
-DEFAULT_ROUNDS = 4
+#: Rounds of a full run: the latency and fan-in figures are the median of at least 5.
+DEFAULT_ROUNDS = 5
 #: Seconds one measurement may take before it is killed (full run, ``--quick``).
 TIMEOUT = 120.0
 QUICK_TIMEOUT = 30.0

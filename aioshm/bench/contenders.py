@@ -162,6 +162,12 @@ class Contender:
     #: how its transport is set up, for the report
     setup: str = ""
 
+    def takes_part(self, workload: Workload) -> bool:
+        """Whether it runs on ``workload``."""
+        return workload.key in self.workloads and (
+            workload.only is None or self.key in workload.only
+        )
+
     def missing(self) -> str | None:
         """Why it cannot run here (a module that does not import), or ``None``."""
         for module in self.requires:
@@ -205,7 +211,7 @@ class AsyncContender(Contender):
 
 
 class SoloContender(Contender):
-    """Not a transport: a figure measured in one process (the memcpy ceiling)."""
+    """Not a transport: a figure measured in one process (one core's memcpy, as context)."""
 
 
 # ---------------------------------------------------------------- aioshm
@@ -213,7 +219,8 @@ class SoloContender(Contender):
 
 def _aioshm_link(workload: Workload, producers: int) -> Link:
     if workload.message_bytes > SMALL_SLOT_BYTES:
-        tx, rx = aioshm.open_channel[Array](LARGE_CAPACITY, LARGE_SLOT_BYTES)
+        slot = max(LARGE_SLOT_BYTES, workload.message_bytes)
+        tx, rx = aioshm.open_channel[Array](LARGE_CAPACITY, slot)
     else:
         tx, rx = aioshm.open_channel[Array](SMALL_CAPACITY, SMALL_SLOT_BYTES)
     return Link([tx] * producers, rx, [tx, rx])
@@ -222,7 +229,8 @@ def _aioshm_link(workload: Workload, producers: int) -> Link:
 _AIOSHM_SETUP = (
     f"`open_channel(capacity={SMALL_CAPACITY}, max_message_size={SMALL_SLOT_BYTES})` for "
     f"small messages, `open_channel(capacity={LARGE_CAPACITY}, "
-    f"max_message_size={LARGE_SLOT_BYTES})` for 8 MiB; handles passed as "
+    f"max_message_size={LARGE_SLOT_BYTES})` for 8 MiB (64 MiB slots for 64 MiB); "
+    "handles passed as "
     "`Process` arguments"
 )
 
@@ -361,7 +369,7 @@ class _ViewReceiver(_AioshmAsyncReceiver):
 class AioshmView(AioshmAsync):
     """aioshm on asyncio: copying ``send``, zero-copy ``recv_view``."""
 
-    workloads = frozenset({"large"})
+    workloads = frozenset({"large", "huge"})
 
     def __init__(self) -> None:
         super().__init__("asyncio")
@@ -382,6 +390,8 @@ class _LoanCopySender(_AioshmAsyncSender):
 class AioshmLoanCopy(AioshmView):
     """``send_loan`` filled by ``np.copyto`` from a source array, received by
     ``recv_view``: one copy in all."""
+
+    workloads = frozenset({"large"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -407,6 +417,8 @@ class _FillViewReceiver(_ViewReceiver):
 class AioshmLoanInPlace(AioshmView):
     """``send_loan`` written in place (message *i* is the array filled with *i*; every
     byte is written, nothing is read), received by ``recv_view``: no copy at all."""
+
+    workloads = frozenset({"large"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -748,12 +760,13 @@ class Zmq(AsyncContender):
 
 
 class Memcpy(SoloContender):
-    """One core's memcpy bandwidth: the ceiling for a copying transport."""
+    """One core's memcpy bandwidth, as context (from cache where the cache holds both
+    buffers)."""
 
     key = "memcpy"
-    label = "memcpy ceiling (np.copyto, one core)"
-    workloads = frozenset({"large"})
-    setup = "`np.copyto` between two preallocated 8 MiB arrays, in one process"
+    label = "memcpy, one core (np.copyto; context)"
+    workloads = frozenset({"large", "huge"})
+    setup = "`np.copyto` between two preallocated arrays of the message's size, in one process"
 
 
 #: Every contender, in report order.
@@ -773,3 +786,7 @@ CONTENDERS: Final[list[Contender]] = [
     Zmq(),
     Memcpy(),
 ]
+
+from .iox import IceoryxBlocking, IceoryxInPlace, IceoryxPoll  # noqa: E402 (they build on the above)
+
+CONTENDERS[-1:-1] = [IceoryxBlocking(), IceoryxPoll(), IceoryxInPlace()]

@@ -203,6 +203,17 @@ def _method(results: Results) -> list[str]:
         f"- A measurement that fails or takes more than {results.timeout:g} s is killed "
         "and reported as failed, with its error; that contender is not run again on that "
         "workload.",
+        "- iceoryx2 is the reference for shared-memory transports. It has no async API, "
+        "so it runs through blocking calls, in its two ways of waiting: a `WaitSet` on an "
+        "event service notified after each send, and a busy poll. It would drop "
+        "messages silently when its subscriber's buffer overflows or when the publisher "
+        "starts before the subscriber: safe overflow is disabled (the publisher retries "
+        "instead), the subscriber is created first, the publisher connects before the "
+        "clock starts, and the receiver fails the measurement if its count falls short "
+        "(nothing for a while) or goes over.",
+        "- memcpy (one core, `np.copyto`) is context, not a ceiling: where the cache holds "
+        "both buffers (8 MiB here) it copies from cache, faster than any transport "
+        "between two cores; the 64 MiB workload shows it from memory.",
         f"- `send_many`/`recv_many` use batches of {BATCH}. `recv_view` rows read only the "
         "last message through (to check it); the others are mapped and released, which "
         "is the point of a view. The in-place `send_loan` row writes every byte of every "

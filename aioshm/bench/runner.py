@@ -412,7 +412,7 @@ def run(
             skipped[contender.key] = reason
     results = Results(
         workloads=list(workloads),
-        contenders={w.key: [c for c in CONTENDERS if w.key in c.workloads] for w in workloads},
+        contenders={w.key: [c for c in CONTENDERS if c.takes_part(w)] for w in workloads},
         skipped=skipped,
         rounds=rounds,
         quick=quick,
