@@ -91,3 +91,10 @@ def connect_and_consume(url: str, received: Any, connected: Any, out: Any) -> No
                     received.value += len(batch)
 
     out.put(anyio.run(main))
+
+
+def take_one_then_close(url: str) -> None:
+    """Receive one message (with messages pulled ahead), then close and exit."""
+    rx = aioshm.nats.connect_receive(url)
+    rx.recv_blocking(30)
+    rx.close()

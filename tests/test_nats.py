@@ -648,3 +648,24 @@ def test_sender_that_closes_and_exits_ends_the_stream_at_once(server: LocalServe
         with pytest.raises(EndOfStream):
             rx.recv_blocking(30)
         assert time.monotonic() - exited < 10
+
+
+def test_closing_receiver_gives_back_what_it_pulled_ahead(server: LocalServer) -> None:
+    """Messages pulled ahead by a receiver that closes and exits go to the others at
+    once, not after ack_wait (30 s here)."""
+    url = channel_url(server, "ack_wait=30&prefetch=4")
+    tx, rx = aioshm.nats.open_channel(url, capacity=16)
+    with tx:
+        for i in range(10):
+            tx.send_blocking(i, 10)
+    child = multiprocessing.get_context("fork").Process(
+        target=nats_workers.take_one_then_close, args=(url,)
+    )
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    exited = time.monotonic()
+    with rx:
+        got = [x for x in iter(lambda: _recv_or_none(rx), None)]
+    assert sorted(got) == list(range(1, 10))
+    assert time.monotonic() - exited < 10

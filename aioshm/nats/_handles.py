@@ -333,8 +333,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         super().close()
         if was_owned and link is not None:
             link.local_receivers -= 1
-            if link.local_receivers == 0:
-                _bridge.spawn(link.receivers_closed())
+            if link.local_receivers == 0:  # give back what was pulled ahead, now
+                if _bridge.on_loop():
+                    _bridge.spawn(link.receivers_closed())
+                else:
+                    with contextlib.suppress(Exception):
+                        _bridge.run(link.receivers_closed(), timeout=REQUEST_TIMEOUT)
 
     def _claim(self, reservation: object) -> None:
         super()._claim(reservation)
