@@ -98,3 +98,10 @@ def take_one_then_close(url: str) -> None:
     rx = aioshm.nats.connect_receive(url)
     rx.recv_blocking(30)
     rx.close()
+
+
+def hold_receiver(rx: aioshm.nats.ReceiveChannel[Any], ready: Any) -> None:
+    """Own a receive handle passed by the parent; wait to be killed."""
+    ready.set()
+    signal.pause()
+    rx.close()

@@ -669,3 +669,26 @@ def test_closing_receiver_gives_back_what_it_pulled_ahead(server: LocalServer) -
         got = [x for x in iter(lambda: _recv_or_none(rx), None)]
     assert sorted(got) == list(range(1, 10))
     assert time.monotonic() - exited < 10
+
+
+def test_dead_receiver_process_breaks_the_channel_within_the_heartbeat(
+    server: LocalServer,
+) -> None:
+    tx, rx = aioshm.nats.open_channel(channel_url(server, "heartbeat=2"), capacity=10_000)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=nats_workers.hold_receiver, args=(rx, ready))
+    child.start()
+    rx.close()
+    with tx:
+        while not ready.wait(0.1):
+            assert child.exitcode is None, "the child failed"
+        tx.send_blocking(0, 10)  # a receiver is open: no error
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join()
+        killed = time.monotonic()
+        with pytest.raises(BrokenResourceError):
+            while time.monotonic() - killed < 30:
+                tx.send_blocking(1, 10)
+        # The bound: the heartbeat and a sender's recheck (a quarter of it), plus slack.
+        assert time.monotonic() - killed < 2 * 1.25 + 4

@@ -168,8 +168,11 @@ class Call(Generic[T]):
         """
         event = threading.Event()
         with self._lock:
-            if self.state not in (DONE, FAILED):
+            ready = self.state in (DONE, FAILED)
+            if not ready:
                 self._notify = event.set
+        if ready:  # settled before the notification could be registered
+            return self._outcome()
         if not event.wait(timeout) and self.state not in (DONE, FAILED):
             if self._leave():
                 raise TimeoutError(f"not done within {timeout} s (nothing was done)")
