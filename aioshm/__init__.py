@@ -13,6 +13,7 @@ from ._channel import (
     open_channel,
 )
 from ._float_channel import FloatChannel
+from ._slotqueue import CorruptMessage, MessageDropped
 from ._sync import (
     BoundedSemaphore,
     Condition,
@@ -33,11 +34,13 @@ __all__ = [
     "ChannelStatistics",
     "Condition",
     "ConditionStatistics",
+    "CorruptMessage",
     "Event",
     "EventStatistics",
     "FloatChannel",
     "Lock",
     "LockStatistics",
+    "MessageDropped",
     "RLock",
     "RawArray",
     "RawValue",

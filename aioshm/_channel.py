@@ -44,7 +44,7 @@ from ._codec import Message, copy_into, decode, encode, loan_layout, view
 from ._layout import HEADER_RESERVE
 from ._posix import Reentered, supported
 from ._shared import RECV, SEND
-from ._slotqueue import SlotQueue
+from ._slotqueue import CorruptMessage, SlotQueue
 from ._wait import Hub
 
 __all__ = ["ChannelStatistics", "ReceiveChannel", "SendChannel", "open_channel"]
@@ -83,6 +83,10 @@ class ChannelStatistics(NamedTuple):
     """Slots taken back from processes that died holding them (their message unsent)."""
     redelivered_messages: int
     """Messages queued again because the process reading them died."""
+    dropped_messages: int = 0
+    """Messages taken off the channel because they could not be received (decoding
+    failed, or the message was corrupt); each raised :class:`aioshm.MessageDropped` in
+    the receiver that took it."""
 
 
 class _Channel:
@@ -267,6 +271,7 @@ class _Handle:
             max_message_size=self._queue.max_message_size,
             reclaimed_slots=counters.reclaimed,
             redelivered_messages=counters.redelivered,
+            dropped_messages=counters.dropped,
         )
 
     def _block(self, attempt: Any, timeout: float | None) -> Any:
@@ -461,7 +466,18 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         exit, so writes raise ``ValueError``, but reads see whatever the slot holds
         later.
 
-        :raises ValueError: at once, if the array would exceed ``max_message_size``
+        Views derived from ``buf`` (``buf[:]``, ``buf.reshape(...)``, ``memoryview(buf)``,
+        ``np.asarray(buf)``) are not made read-only: numpy cannot revoke them, and a
+        write through one after the block changes the published message, or a later one
+        that reuses the slot. Use them only inside the block, and keep nothing derived
+        from ``buf`` past it; keep a ``copy()`` instead.
+
+        :raises ValueError: at once, if the array would exceed ``max_message_size``, or
+            a dimension is negative
+        :raises TypeError: at once, if a dimension is not an integer or the dtype holds
+            Python objects
+
+        Nothing is claimed before the shape and dtype are checked.
 
         On entering the block, raises as :meth:`send` does; on a normal exit,
         ``ClosedResourceError`` if this handle was closed meanwhile (nothing is sent).
@@ -501,10 +517,8 @@ class _Loan:
         timeout: float | None = None,
     ) -> None:
         self._tx = tx
-        self._dtype = np.dtype(dtype)
-        self._shape = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        self._header, self._start, self._offset, self._length = loan_layout(
-            self._dtype, self._shape
+        self._dtype, self._shape, self._header, self._start, self._offset, self._length = (
+            loan_layout(dtype, shape)
         )
         limit = tx._queue.max_message_size
         if self._length - HEADER_RESERVE > limit:
@@ -610,6 +624,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         nothing was received: the message stays for the next receiver. A call that does
         not have to wait yields to the event loop (a schedule point) only once in 16
         calls, but always raises a cancellation already pending when it is made.
+
+        A message that cannot be decoded (an unpickling error, a class this process
+        cannot import) or that is corrupt is taken off the channel for good, whatever its
+        size: this call raises :class:`aioshm.MessageDropped` with the error as its
+        ``__cause__``, the messages behind it flow on, and ``statistics()`` counts it in
+        ``dropped_messages``.
         """
         self._ticks += 1
         if self._ticks >= YIELD_EVERY or cancel_pending():
@@ -644,6 +664,10 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         are small, waiting only while none is buffered.
 
         :raises ValueError: ``max_items`` is less than 1
+        :raises aioshm.MessageDropped: some messages of the batch could not be decoded
+            and were dropped (see :meth:`receive`); the others were received all the
+            same and are in its ``received`` list, in order: ``except MessageDropped as
+            exc: items = exc.received``
 
         Otherwise raises as :meth:`receive`: ``EndOfStream`` only when nothing at all is
         left to receive.
@@ -672,8 +696,13 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         block exits, however it exits. A bytes message comes as a 1-d ``uint8`` array.
 
         The array is valid only inside the block: afterwards the slot may hold another
-        message. Copy what you keep (``arr.copy()``). The message counts as received
-        once the block is entered: if the block raises, it is not put back.
+        message. Copy what you keep (``arr.copy()``): views derived from ``arr``
+        (``arr[1:]``, ``arr.T``, ``memoryview(arr)``) point into the slot as well, and
+        outlive the block unchecked. The message counts as received once the block is
+        entered: if the block raises, it is not put back.
+
+        :raises aioshm.MessageDropped: the message was corrupt; it is dropped (see
+            :meth:`receive`)
 
         :raises TypeError: the next message is a pickled object; it stays at the head of
             the channel for :meth:`receive`
@@ -703,6 +732,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             slot, message = await self._hub.retry(self._take, self)
         try:
             copy_into(message, out)
+        except CorruptMessage as exc:
+            self._queue.drop(slot, exc)
         except BaseException:
             self._queue.put_back(slot)
             raise
@@ -731,6 +762,8 @@ class _View:
             slot, message = await rx._hub.retry(rx._take, rx)
         try:
             array = view(message)
+        except CorruptMessage as exc:
+            rx._queue.drop(slot, exc)
         except BaseException:
             rx._queue.put_back(slot)
             raise

@@ -29,13 +29,16 @@ the result may keep pointing into it) or from the slot itself (the result must c
 from __future__ import annotations
 
 import math
+import operator
 import pickle
 import struct
+from collections.abc import Sequence
 from typing import Any, Final, Literal
 
 import numpy as np
 
 from ._layout import ALIGN, HEADER_RESERVE
+from ._slotqueue import CorruptMessage
 
 __all__ = ["Message", "copy_into", "decode", "encode", "encode_bytes", "loan_layout", "view"]
 
@@ -130,15 +133,32 @@ def _check_size(size: int, limit: int, what: str) -> None:
 
 # ---------------------------------------------------------------- array headers
 
-_header_cache: dict[tuple[np.dtype[Any], tuple[int, ...], bool], bytes] = {}
+
+def _metadata(dtype: np.dtype[Any]) -> Any:
+    """Everything numpy's dtype equality ignores: the metadata, at every level."""
+    if dtype.names is not None:
+        fields: Any = dtype.fields or {}
+        return (dtype.metadata, tuple(_metadata(fields[name][0]) for name in dtype.names))
+    if dtype.subdtype is not None:
+        return (dtype.metadata, _metadata(dtype.subdtype[0]))
+    return dtype.metadata
+
+
+def _same_dtype(cached: np.dtype[Any], dtype: np.dtype[Any]) -> bool:
+    """Whether a cache entry made for ``cached`` serves ``dtype``: the caches are keyed
+    on dtypes, whose equality (and hash) ignores metadata."""
+    return cached is dtype or _metadata(cached) == _metadata(dtype)
+
+
+_header_cache: dict[tuple[np.dtype[Any], tuple[int, ...], bool], tuple[np.dtype[Any], bytes]] = {}
 
 
 def array_layout(dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) -> bytes:
     """The (padded) header of an array message."""
     key = (dtype, shape, fortran)
     cached = _header_cache.get(key)
-    if cached is not None:
-        return cached
+    if cached is not None and _same_dtype(cached[0], dtype):
+        return cached[1]
     if dtype.hasobject:
         raise TypeError(f"dtype {dtype} holds Python objects and has no raw-bytes form")
     flags = _FORTRAN if fortran else 0
@@ -159,7 +179,7 @@ def array_layout(dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) ->
     )
     if len(_header_cache) >= _CACHE_LIMIT:
         _header_cache.clear()
-    _header_cache[key] = header
+    _header_cache[key] = (dtype, header)
     return header
 
 
@@ -167,14 +187,39 @@ def _pad_to(descr: bytes, before: int) -> bytes:
     return descr + b"\0" * (-(before + len(descr)) % 8)
 
 
-def loan_layout(dtype: np.dtype[Any], shape: tuple[int, ...]) -> tuple[bytes, int, int, int]:
-    """``(header, start, data_offset, length)`` of a C-ordered array message."""
+def loan_layout(
+    dtype: Any, shape: int | Sequence[int]
+) -> tuple[np.dtype[Any], tuple[int, ...], bytes, int, int, int]:
+    """``(dtype, shape, header, start, data_offset, length)`` of a C-ordered array
+    message of ``shape`` and ``dtype``, checked: nothing is claimed before this.
+
+    :raises TypeError: a dimension is not an integer, or the dtype is not one of a fixed
+        size without Python objects
+    :raises ValueError: a dimension is negative
+    """
+    dtype = np.dtype(dtype)
+    dims = (shape,) if not isinstance(shape, Sequence) else shape
+    checked: list[int] = []
+    for dim in dims:
+        if isinstance(dim, bool):
+            raise TypeError(f"a loan's shape must hold integers, not {dim!r} (in {shape!r})")
+        try:
+            size = operator.index(dim)
+        except TypeError:
+            raise TypeError(
+                f"a loan's shape must hold integers, not {type(dim).__name__} {dim!r} "
+                f"(in {shape!r})"
+            ) from None
+        if size < 0:
+            raise ValueError(f"a loan's shape cannot hold a negative dimension ({shape!r})")
+        checked.append(size)
+    if dtype.hasobject:
+        raise TypeError(f"dtype {dtype} holds Python objects and cannot be loaned")
+    shape = tuple(checked)
     header = array_layout(dtype, shape, False)
     offset = _data_offset(len(header))
-    nbytes = dtype.itemsize
-    for dim in shape:
-        nbytes *= dim
-    return header, offset - len(header), offset, offset + nbytes
+    nbytes = dtype.itemsize * math.prod(shape)
+    return dtype, shape, header, offset - len(header), offset, offset + nbytes
 
 
 # ---------------------------------------------------------------- encoding
@@ -198,9 +243,10 @@ class _Image:
 class _ArrayPlan:
     """How arrays of one dtype, shape and order are laid out (cached)."""
 
-    __slots__ = ("header", "length", "nbytes", "order", "size", "start")
+    __slots__ = ("dtype", "header", "length", "nbytes", "order", "size", "start")
 
     def __init__(self, dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) -> None:
+        self.dtype = dtype
         self.header = array_layout(dtype, shape, fortran)
         offset = _data_offset(len(self.header))
         self.nbytes = dtype.itemsize * math.prod(shape)
@@ -226,9 +272,12 @@ def encode(obj: object, limit: int) -> Message:
         array: Array = obj  # type: ignore[assignment]
         flags = array.flags
         fortran = not flags.c_contiguous and flags.f_contiguous
-        key = (array.dtype, array.shape, fortran)
+        dtype = array.dtype
+        key = (dtype, array.shape, fortran)
         plan = _plans.get(key)
-        if plan is None and not array.dtype.hasobject:
+        if plan is not None and plan.dtype is not dtype and not _same_dtype(plan.dtype, dtype):
+            plan = _ArrayPlan(*key)  # equal to a cached dtype but for its metadata
+        elif plan is None and not dtype.hasobject:
             if len(_plans) >= _CACHE_LIMIT:
                 _plans.clear()
             plan = _plans[key] = _ArrayPlan(*key)
@@ -303,7 +352,7 @@ def _encode_pickle(obj: object, limit: int) -> Message:
 
 
 class _ArrayInfo:
-    __slots__ = ("dtype", "offset", "order", "shape")
+    __slots__ = ("dtype", "length", "nbytes", "offset", "order", "shape")
 
     def __init__(
         self,
@@ -316,30 +365,66 @@ class _ArrayInfo:
         self.shape = shape
         self.order = order
         self.offset = offset
+        self.nbytes = dtype.itemsize * math.prod(shape)
+        self.length = offset + self.nbytes
 
 
 _info_cache: dict[bytes, _ArrayInfo] = {}
 
 
-def _header_len(message: memoryview | bytearray) -> int:
-    return message[2] | message[3] << 8
+def _corrupt(what: str) -> CorruptMessage:
+    return CorruptMessage(f"corrupt message header: {what}")
+
+
+def _fixed(message: memoryview | bytearray) -> tuple[int, int, int, int, int, int]:
+    """The fixed part of a header, checked against the message's length."""
+    n = len(message)
+    if n < _FIXED.size:
+        raise _corrupt(f"the message has {n} bytes, fewer than a header's {_FIXED.size}")
+    fields: tuple[int, int, int, int, int, int] = _FIXED.unpack_from(message)
+    if not _FIXED.size <= fields[2] <= n:
+        raise _corrupt(f"a header length of {fields[2]} in a message of {n} bytes")
+    return fields
 
 
 def _array_info(message: memoryview | bytearray) -> _ArrayInfo:
-    key = bytes(message[: _header_len(message)])
+    try:
+        key = bytes(message[: message[2] | message[3] << 8])
+    except IndexError:
+        raise _corrupt(f"the message has {len(message)} bytes, fewer than a header's") from None
     info = _info_cache.get(key)
-    if info is not None:
-        return info
-    _, flags, header_len, ndim, descr_len, _ = _FIXED.unpack_from(key)
-    descr = key[_FIXED.size : _FIXED.size + descr_len]
-    dtype = pickle.loads(descr) if flags & _PICKLED_DTYPE else np.dtype(descr.decode())
+    if info is None:
+        info = _parse_array_header(message, key)
+        if len(_info_cache) >= _CACHE_LIMIT:
+            _info_cache.clear()
+        _info_cache[key] = info
+    if info.length != len(message):
+        raise _corrupt(
+            f"an array of {info.nbytes} bytes after a {info.offset}-byte header does not "
+            f"fill a message of {len(message)} bytes"
+        )
+    return info
+
+
+def _parse_array_header(message: memoryview | bytearray, key: bytes) -> _ArrayInfo:
+    _, flags, header_len, ndim, descr_len, payload_len = _fixed(message)
     shape_at = _FIXED.size + descr_len
     shape_at += -shape_at % 8
+    if shape_at + 8 * ndim > header_len:
+        raise _corrupt(f"a dtype of {descr_len} bytes and {ndim} dimensions overrun it")
+    descr = key[_FIXED.size : _FIXED.size + descr_len]
+    try:
+        dtype = pickle.loads(descr) if flags & _PICKLED_DTYPE else np.dtype(descr.decode())
+    except Exception as exc:
+        raise _corrupt(f"unreadable dtype {descr!r} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _corrupt(f"{dtype!r} is not a dtype of raw bytes")
     shape = struct.unpack_from(f"<{ndim}q", key, shape_at)
+    if any(dim < 0 for dim in shape):
+        raise _corrupt(f"a negative dimension in shape {shape}")
     info = _ArrayInfo(dtype, shape, "F" if flags & _FORTRAN else "C", header_len)
-    if len(_info_cache) >= _CACHE_LIMIT:
-        _info_cache.clear()
-    _info_cache[key] = info
+    if info.nbytes != payload_len:
+        raise _corrupt(f"{payload_len} payload bytes for an array of {info.nbytes}")
     return info
 
 
@@ -348,42 +433,78 @@ def _array_view(message: memoryview | bytearray, info: _ArrayInfo) -> Array:
     return np.ndarray(info.shape, info.dtype, message, info.offset, None, info.order)
 
 
+def _bytes_span(message: memoryview | bytearray) -> tuple[int, int]:
+    """``(offset, length)`` of a bytes message's data, checked."""
+    _, _, offset, _, _, payload_len = _fixed(message)
+    if offset + payload_len != len(message):
+        raise _corrupt(
+            f"{payload_len} bytes after a {offset}-byte header in a message of {len(message)} bytes"
+        )
+    return offset, payload_len
+
+
+def _pickle_spans(message: memoryview | bytearray) -> list[tuple[int, int]]:
+    """``[(start, end)]`` of the pickle stream and of each out-of-band buffer, checked."""
+    _, _, offset, nbuffers, _, payload_len = _fixed(message)
+    if _FIXED.size + 8 * nbuffers > offset:
+        raise _corrupt(f"{nbuffers} buffer lengths overrun a header of {offset} bytes")
+    spans = [(offset, offset + payload_len)]
+    end = offset + payload_len
+    for n in struct.unpack_from(f"<{nbuffers}q", message, _FIXED.size):
+        if n < 0:
+            raise _corrupt(f"a buffer of {n} bytes")
+        start = offset + _align(end - offset)
+        end = start + n
+        spans.append((start, end))
+    if end != len(message):
+        raise _corrupt(f"a pickle and buffers ending at {end} in a message of {len(message)}")
+    return spans
+
+
 def decode(message: memoryview | bytearray, owned: bool) -> Any:
     """Turn a message's bytes back into an object.
 
     ``owned``: ``message`` is a private copy the result may point into; otherwise it is
     the slot itself and everything is copied out.
+
+    :raises CorruptMessage: the header makes no sense for the message's length (nothing
+        is read past the message, and nothing is silently cut short)
+    :raises Exception: whatever unpickling raises
     """
-    kind = message[0]
+    try:
+        kind = message[0]
+    except IndexError:
+        raise _corrupt("an empty message") from None
     if kind == ARRAY:
         array = _array_view(message, _array_info(message))
         return array if owned else array.copy(order="K")
-    _, _, offset, nbuffers, _, payload_len = _FIXED.unpack_from(message)
     if kind == BYTES:
-        return bytes(message[offset : offset + payload_len])
+        offset, length = _bytes_span(message)
+        return bytes(message[offset : offset + length])
     if kind == PICKLE:
-        lengths = struct.unpack_from(f"<{nbuffers}q", message, _FIXED.size)
         view = memoryview(message)
-        end = offset + payload_len
-        data = view[offset:end]
-        buffers = []
-        for n in lengths:
-            start = offset + _align(end - offset)
-            end = start + n
-            buffers.append(view[start:end] if owned else bytearray(view[start:end]))
-        return pickle.loads(data, buffers=buffers)
-    raise RuntimeError(f"corrupt message header (kind {kind})")
+        (start, end), *rest = _pickle_spans(message)
+        buffers = [view[a:b] if owned else bytearray(view[a:b]) for a, b in rest]
+        return pickle.loads(view[start:end], buffers=buffers)
+    raise _corrupt(f"unknown kind {kind}")
 
 
 def view(message: memoryview) -> Array:
     """A read-only array onto a message's data in its slot: no copy. Arrays and bytes."""
-    kind = message[0]
+    kind = message[0] if len(message) else 0
     if kind == ARRAY:
-        out = _array_view(message, _array_info(message))
+        info = _array_info(message)
+        try:
+            out = _array_view(message, info)
+        except (TypeError, ValueError) as exc:  # e.g. a shape too big for numpy
+            raise _corrupt(f"numpy refuses it ({exc})") from exc
     elif kind == BYTES:
-        out = np.frombuffer(message, np.uint8, _FIXED.unpack_from(message)[5], _FIXED.size)
-    else:
+        offset, length = _bytes_span(message)
+        out = np.frombuffer(message, np.uint8, length, offset)
+    elif kind == PICKLE:
         raise TypeError("the next message is a pickled object, not an array or bytes")
+    else:
+        raise _corrupt(f"unknown kind {kind}")
     out.flags.writeable = False
     return out
 

@@ -23,6 +23,7 @@ has no name, so nothing is left in ``/dev/shm`` and ``resource_tracker`` is not 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -55,6 +56,8 @@ TAIL = 5  # ring position one past the newest
 NFREE = 6  # entries on the free stack
 OPEN = 8  # OPEN + direction: open handles over all live processes
 SLEEPERS = 10  # SLEEPERS + direction: threads registered on that direction's bell
+DROPPED = 12  # messages taken off the queue because they could not be received
+ENDED = 13  # 1 once a receiver was told the stream ended: final, no message comes after
 RECLAIMED = 14  # slots taken back from processes that died holding them
 REDELIVERED = 15  # messages put back because their receiver died reading them
 UID = 16
@@ -139,8 +142,10 @@ class Segment:
         self._map = mmap.mmap(fd, layout.size)
         if layout.size >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
             # Large slots copy faster with fewer TLB misses, where the system lets shared
-            # memory use huge pages (transparent_hugepage/shmem_enabled "advise").
-            self._map.madvise(mmap.MADV_HUGEPAGE)
+            # memory use huge pages (transparent_hugepage/shmem_enabled "advise"). Only a
+            # hint: a kernel without transparent huge pages refuses it (EINVAL).
+            with contextlib.suppress(OSError):
+                self._map.madvise(mmap.MADV_HUGEPAGE)
         self._finalizer = weakref.finalize(self, os.close, fd)
         whole = memoryview(self._map)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
@@ -167,7 +172,11 @@ class Segment:
     def create(cls, capacity: int, max_message_size: int) -> Segment:
         layout = Layout(capacity, max_message_size)
         fd = _anonymous_fd(layout.size)
-        seg = cls(fd, layout)
+        try:
+            seg = cls(fd, layout)
+        except BaseException:
+            os.close(fd)
+            raise
         ctl = seg.ctl
         ctl[MAGIC] = _MAGIC
         ctl[CAPACITY] = capacity
@@ -219,5 +228,9 @@ def _anonymous_fd(size: int) -> int:
     else:  # pragma: no cover - not Linux
         with tempfile.TemporaryFile() as f:
             fd = os.dup(f.fileno())
-    os.ftruncate(fd, size)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd

@@ -26,9 +26,9 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, Final
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final, TypeVar
 
 from anyio import WouldBlock
 
@@ -47,6 +47,9 @@ from ._layout import (
     SLEEPERS,
     Segment,
 )
+from ._posix import Reentered
+from ._posix import trylock as _trylock
+from ._posix import unlock as _unlock
 
 __all__ = ["INFINITE", "RANG", "RECV", "SEND", "SLICE", "SharedObject"]
 
@@ -62,6 +65,10 @@ SLICE: Final = 0.1
 #: Shortest interval between two liveness sweeps by one process.
 SWEEP_INTERVAL: Final = 0.1
 
+R = TypeVar("R")
+#: "No argument" for :meth:`SharedObject.locked` (``None`` is an argument).
+_NO_ARG: Final[Any] = object()
+
 _K_FREE = 0
 _K_ACTIVE = 1
 _K_RESERVED = 2
@@ -75,8 +82,8 @@ class SharedObject:
         self._ctl = segment.ctl
         self._procs = segment.procs
         self._bells = segment.bells
-        self._mutex_acquire = segment.mutex.acquire
-        self._mutex_release = segment.mutex.release
+        self._mutex = segment.mutex
+        self._mptr = segment.mutex.ptr
         self._reset_local()
         _live_objects.add(self)
 
@@ -85,49 +92,94 @@ class SharedObject:
         self._pending: dict[int, tuple[int, weakref.ref[Any]]] = {}
         self._next_sweep = 0.0
         self._local = threading.Lock()
-        self._deferred: list[Callable[[], object]] = []
+        #: Actions to run once a thread's critical section ends, by thread.
+        self._deferred: dict[int, list[Callable[[], object]]] = {}
 
     # ------------------------------------------------------------------ the mutex
 
-    def _lock(self) -> None:
-        if self._mutex_acquire():  # the previous holder died mid-way
-            self._repair_locked()
-            self._deferred.append(self._sweep_after_owner_died)  # find out who, after
+    def locked(
+        self, body: Callable[..., R], a: Any = _NO_ARG, b: Any = _NO_ARG, c: Any = _NO_ARG
+    ) -> R:
+        """``body(a, b, c)`` with the mutex held: the one critical section of aioshm.
 
-    def _unlock(self) -> None:
-        self._mutex_release()
+        Up to three arguments, passed on as given (no ``*args``: packing them costs more
+        than the rest of the call).
+
+        If ``body`` raises, the state is repaired (:meth:`_repair_locked`) before the
+        mutex is released, so nothing is left half-done. This holds for asynchronous
+        exceptions too: a ``KeyboardInterrupt`` raised by a signal handler (or by trio)
+        at any bytecode. Python delivers those only after a call returns, at a loop's
+        jump back, or on entering a Python function; here every such point between the
+        ``trylock`` and the ``unlock`` lies inside the ``try``, and the ``unlock`` is a
+        C call made with no Python frame in between. The handler does not know how far
+        the acquisition got, so it asks the mutex (:meth:`RobustMutex.seize`) and
+        releases it if this thread holds it (a release by a non-owner is refused).
+        """
+        ptr = self._mptr
+        acquired = False
+        try:
+            result = _trylock(ptr)
+            if result:
+                self._lock_contended(result)
+            acquired = True
+            if a is _NO_ARG:
+                value = body()
+            elif b is _NO_ARG:
+                value = body(a)
+            elif c is _NO_ARG:
+                value = body(a, b)
+            else:
+                value = body(a, b, c)
+        except BaseException as exc:
+            if not acquired and type(exc) is Reentered:
+                raise  # the mutex belongs to this thread's outer critical section
+            try:
+                if self._mutex.seize():
+                    self._repair_locked()
+            finally:
+                _unlock(ptr)
+            raise
+        _unlock(ptr)
         if self._deferred:
             self._run_deferred()
+        return value
+
+    def critical(self) -> _CriticalSection:
+        """``with obj.critical():`` the same critical section as :meth:`locked`.
+
+        Prefer :meth:`locked`: a ``with`` block's ``__exit__`` is a Python function, and
+        an asynchronous exception delivered on entering it, after a block that completed,
+        would leave the mutex held. :meth:`locked` has no such instant.
+        """
+        return _CriticalSection(self)
+
+    def _lock_contended(self, result: int) -> None:
+        if self._mutex.acquire_contended(result):  # the previous holder died mid-way
+            self._repair_locked()
+            self.defer(self._sweep_after_owner_died)  # find out who, after
+
+    def _recover(self) -> None:
+        """After an exception inside a critical section: repair and release, if held."""
+        try:
+            if self._mutex.seize():
+                self._repair_locked()
+        finally:
+            _unlock(self._mptr)
 
     def defer(self, action: Callable[[], object]) -> None:
         """Run ``action`` after the current critical section of this thread ends.
 
         For finalizers and signal handlers, which may run inside a critical section of
-        the same thread and would otherwise try to take the mutex a second time.
+        the same thread and would otherwise try to take the mutex a second time. The
+        actions are kept per thread: only the thread that deferred one runs it.
         """
-        self._deferred.append(action)
+        self._deferred.setdefault(threading.get_ident(), []).append(action)
 
     def _run_deferred(self) -> None:
-        while self._deferred:
-            self._deferred.pop(0)()
-
-    def _abort(self) -> None:
-        """Release after an exception inside a critical section, repairing first."""
-        try:
-            self._repair_locked()
-        finally:
-            self._mutex_release()
-
-    @contextmanager
-    def critical(self) -> Iterator[None]:
-        """Hold the mutex; an exception inside repairs the state before releasing."""
-        self._lock()
-        try:
-            yield
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        ident = threading.get_ident()
+        while (actions := self._deferred.pop(ident, None)) is not None:
+            for action in actions:
+                action()
 
     def _repair_locked(self) -> None:
         """Rebuild derived state after a holder died mid-way (extended by subclasses)."""
@@ -160,11 +212,13 @@ class SharedObject:
     def register(self, opened: tuple[int, int] = (0, 0)) -> int:
         """Add an entry for this process holding ``opened`` handles per side."""
         pid, started = _procs.my_identity()
-        with self.critical():
-            entry = self._new_entry_locked(_K_ACTIVE, opened)
-            base = entry * PROC_FIELDS
-            self._procs[base + P_PID] = pid
-            self._procs[base + P_START] = started
+        return self.locked(self._register_locked, opened, pid, started)
+
+    def _register_locked(self, opened: tuple[int, int], pid: int, started: int) -> int:
+        entry = self._new_entry_locked(_K_ACTIVE, opened)
+        base = entry * PROC_FIELDS
+        self._procs[base + P_PID] = pid
+        self._procs[base + P_START] = started
         return entry
 
     def reserve(self, opened: tuple[int, int], popen: object) -> tuple[int, int]:
@@ -175,12 +229,16 @@ class SharedObject:
         """
         pid, started = _procs.my_identity()
         nonce = int.from_bytes(secrets.token_bytes(7), "little") or 1
-        with self.critical():
+
+        def reserve_locked() -> int:
             entry = self._new_entry_locked(_K_RESERVED, opened)
             base = entry * PROC_FIELDS
             self._procs[base + P_RES_PID] = pid
             self._procs[base + P_RES_START] = started
             self._procs[base + P_NONCE] = nonce
+            return entry
+
+        entry = self.locked(reserve_locked)
         with self._local:
             self._pending[entry] = (nonce, weakref.ref(popen))
         return entry, nonce
@@ -189,37 +247,44 @@ class SharedObject:
         """Make a reservation this process's own (in the child). False if it expired."""
         pid, started = _procs.my_identity()
         base = entry * PROC_FIELDS
-        with self.critical():
+
+        def claim_locked() -> bool:
             procs = self._procs
             if procs[base + P_KIND] != _K_RESERVED or procs[base + P_NONCE] != nonce:
                 return False
             procs[base + P_PID] = pid
             procs[base + P_START] = started
             procs[base + P_KIND] = _K_ACTIVE
-        return True
+            return True
+
+        return self.locked(claim_locked)
 
     def add_handle(self, entry: int, side: int) -> None:
-        with self.critical():
-            self._procs[entry * PROC_FIELDS + P_OPEN + side] += 1
-            self._ctl[OPEN + side] += 1
+        self.locked(self._add_handle_locked, entry, side)
+
+    def _add_handle_locked(self, entry: int, side: int) -> None:
+        self._procs[entry * PROC_FIELDS + P_OPEN + side] += 1
+        self._ctl[OPEN + side] += 1
 
     def drop_handle(self, entry: int, side: int) -> None:
         """Count one handle of ``side`` closed; the last one wakes the other side."""
+        self.locked(self._drop_handle_locked, entry, side)
+
+    def _drop_handle_locked(self, entry: int, side: int) -> None:
         procs = self._procs
         base = entry * PROC_FIELDS
-        with self.critical():
-            if procs[base + P_KIND] == _K_FREE or procs[base + P_OPEN + side] <= 0:
-                return  # already reclaimed by a sweep
-            procs[base + P_OPEN + side] -= 1
-            self._ctl[OPEN + side] -= 1
-            if (
-                procs[base + P_OPEN] == 0
-                and procs[base + P_OPEN + 1] == 0
-                and not self._holds_locked(entry)
-            ):
-                self._free_entry_locked(entry)
-            if self._ctl[OPEN + side] <= 0:
-                self._ring_all_locked(1 - side)
+        if procs[base + P_KIND] == _K_FREE or procs[base + P_OPEN + side] <= 0:
+            return  # already reclaimed by a sweep
+        procs[base + P_OPEN + side] -= 1
+        self._ctl[OPEN + side] -= 1
+        if (
+            procs[base + P_OPEN] == 0
+            and procs[base + P_OPEN + 1] == 0
+            and not self._holds_locked(entry)
+        ):
+            self._free_entry_locked(entry)
+        if self._ctl[OPEN + side] <= 0:
+            self._ring_all_locked(1 - side)
 
     def _free_entry_locked(self, entry: int) -> None:
         procs = self._procs
@@ -260,19 +325,22 @@ class SharedObject:
                 dead.append((entry, kind, procs[base + P_PID], procs[base + P_NONCE]))
         if not dead:
             return False
-        with self.critical():
-            for entry, kind, pid, nonce in dead:
-                base = entry * PROC_FIELDS
-                if (procs[base + P_KIND], procs[base + P_PID], procs[base + P_NONCE]) == (
-                    kind,
-                    pid,
-                    nonce,
-                ):
-                    self._reclaim_locked(entry)
-                    self._free_entry_locked(entry)
-            self._ring_all_locked(SEND)
-            self._ring_all_locked(RECV)
+        self.locked(self._reclaim_dead_locked, dead)
         return True
+
+    def _reclaim_dead_locked(self, dead: list[tuple[int, int, int, int]]) -> None:
+        procs = self._procs
+        for entry, kind, pid, nonce in dead:
+            base = entry * PROC_FIELDS
+            if (procs[base + P_KIND], procs[base + P_PID], procs[base + P_NONCE]) == (
+                kind,
+                pid,
+                nonce,
+            ):
+                self._reclaim_locked(entry)
+                self._free_entry_locked(entry)
+        self._ring_all_locked(SEND)
+        self._ring_all_locked(RECV)
 
     def _sweep_after_owner_died(self) -> None:
         # The dead holder released the mutex while exiting, and /proc may lag a little
@@ -303,19 +371,22 @@ class SharedObject:
             if popen is not None and not child:
                 continue  # still being started
             started = _procs.start_time(child) if child else 0
-            base = entry * PROC_FIELDS
-            with self.critical():
-                procs = self._procs
-                if procs[base + P_KIND] == _K_RESERVED and procs[base + P_NONCE] == nonce:
-                    if child:
-                        procs[base + P_PID] = child
-                        procs[base + P_START] = started
-                    else:  # the start failed before a child existed
-                        self._free_entry_locked(entry)
-                        self._ring_all_locked(SEND)
-                        self._ring_all_locked(RECV)
+            self.locked(self._resolve_locked, (entry, nonce), child, started)
             with self._local:
                 self._pending.pop(entry, None)
+
+    def _resolve_locked(self, reservation: tuple[int, int], child: int, started: int) -> None:
+        entry, nonce = reservation
+        procs = self._procs
+        base = entry * PROC_FIELDS
+        if procs[base + P_KIND] == _K_RESERVED and procs[base + P_NONCE] == nonce:
+            if child:
+                procs[base + P_PID] = child
+                procs[base + P_START] = started
+            else:  # the start failed before a child existed
+                self._free_entry_locked(entry)
+                self._ring_all_locked(SEND)
+                self._ring_all_locked(RECV)
 
     def _reclaim_locked(self, entry: int) -> None:
         """Give back what a dead process held, besides its handles (subclasses)."""
@@ -350,8 +421,7 @@ class SharedObject:
         ctl[SLEEPERS + side] = 0
 
     def ready(self, side: int) -> int:
-        with self.critical():
-            return self._ready_locked(side)
+        return self.locked(self._ready_locked, side)
 
     def wait(self, side: int, timeout: float, reserved: int = 0) -> int:
         """Sleep until ``side`` may proceed, a bell rings, or ``timeout`` passes.
@@ -362,42 +432,33 @@ class SharedObject:
         sleeps unless enough is ready to be worth waking for
         (:meth:`_worth_waking_locked`); after a timeout it counts whatever is ready.
         """
-        ctl = self._ctl
-        self._lock()
-        try:
-            ready = self._worth_waking_locked(side) - reserved
-            if ready <= 0:
-                ctl[SLEEPERS + side] += 1
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        ready = self.locked(self._register_sleeper_locked, side, reserved)
         if ready > 0:
             return ready
-        bell = self._bells[side]
-        if bell.wait(timeout):
+        if self._bells[side].wait(timeout):
             return RANG
-        self._lock()
-        try:
-            if ctl[SLEEPERS + side] > 0:
-                ctl[SLEEPERS + side] -= 1
-            else:  # a waker took our registration: its post is ours to consume
-                bell.try_wait()
-            ready = self._ready_locked(side) - reserved
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
-        return max(ready, 0)
+        return max(self.locked(self._unregister_sleeper_locked, side, reserved), 0)
+
+    def _register_sleeper_locked(self, side: int, reserved: int) -> int:
+        ready = self._worth_waking_locked(side) - reserved
+        if ready <= 0:
+            self._ctl[SLEEPERS + side] += 1
+        return ready
+
+    def _unregister_sleeper_locked(self, side: int, reserved: int) -> int:
+        ctl = self._ctl
+        if ctl[SLEEPERS + side] > 0:
+            ctl[SLEEPERS + side] -= 1
+        else:  # a waker took our registration: its post is ours to consume
+            self._bells[side].try_wait()
+        return self._ready_locked(side) - reserved
 
     def forward(self, side: int) -> None:
         """Pass on a wake-up this process cannot use to another sleeper, if any."""
-        with self.critical():
-            self._ring_one_locked(side)
+        self.locked(self._ring_one_locked, side)
 
     def wake_all(self, side: int) -> None:
-        with self.critical():
-            self._ring_all_locked(side)
+        self.locked(self._ring_all_locked, side)
 
     def block(self, side: int, attempt: Callable[[], Any], timeout: float | None) -> Any:
         """Call ``attempt`` until it stops raising ``WouldBlock``, sleeping in between.
@@ -419,6 +480,41 @@ class SharedObject:
                     raise TimeoutError(f"timed out after {timeout} s") from None
                 self.wait(side, min(SLICE, remaining))
             self.maybe_sweep()
+
+
+class _CriticalSection:
+    """``with obj.critical():`` (see :meth:`SharedObject.critical`)."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: SharedObject) -> None:
+        self._obj = obj
+
+    def __enter__(self) -> None:
+        obj = self._obj
+        try:
+            result = _trylock(obj._mptr)
+            if result:
+                obj._lock_contended(result)
+        except Reentered:
+            raise
+        except BaseException:
+            obj._recover()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        obj = self._obj
+        if exc_type is not None:
+            obj._recover()
+            return
+        _unlock(obj._mptr)
+        if obj._deferred:
+            obj._run_deferred()
 
 
 _live_objects: weakref.WeakSet[SharedObject] = weakref.WeakSet()

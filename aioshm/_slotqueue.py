@@ -30,11 +30,13 @@ blocking forms and the async wait bridge (layer 3) sleep on the doorbells in bet
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Final, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, NoReturn, Protocol, TypeVar
 
-from anyio import BrokenResourceError, EndOfStream, WouldBlock
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 
 from ._layout import (
+    DROPPED,
+    ENDED,
     HEAD,
     MAX_PROCS,
     NFREE,
@@ -54,7 +56,7 @@ from ._layout import (
 )
 from ._shared import INFINITE, RECV, SEND, SharedObject
 
-__all__ = ["LOCKED_COPY_LIMIT", "QueueCounters", "SlotQueue"]
+__all__ = ["LOCKED_COPY_LIMIT", "CorruptMessage", "MessageDropped", "QueueCounters", "SlotQueue"]
 
 FREE: Final = 0
 WRITING: Final = 1
@@ -80,7 +82,42 @@ class Message(Protocol):
     def write(self, slot: memoryview) -> None: ...
 
 
-_DONE, _FULL, _BROKEN, _EMPTY, _ENDED, _CLAIMED = range(6)
+_DONE, _FULL, _BROKEN, _EMPTY, _ENDED, _CLAIMED, _CLOSED, _CORRUPT = range(8)
+#: A put's outcome ``_CLAIMED_SLOT + slot``: a large message's slot, claimed.
+_CLAIMED_SLOT: Final = 16
+
+
+class CorruptMessage(ValueError):
+    """A message's header, its place in its slot, or its ring entry makes no sense."""
+
+
+class MessageDropped(Exception):
+    """A message was taken off the channel and dropped: it could not be received.
+
+    Its slot is free again, and the messages behind it flow on. ``__cause__`` is the
+    error that made it unreadable: whatever decoding raised (an ``UnpicklingError``, an
+    ``ImportError`` for a class this process cannot import, ...) or a
+    :class:`CorruptMessage`. ``statistics().dropped_messages`` counts such messages.
+
+    ``received`` holds the messages that a batch receive (``recv_many``) did receive
+    besides the dropped ones, in order; ``dropped`` says how many were dropped.
+    """
+
+    def __init__(self, text: str, dropped: int = 1, received: Sequence[Any] = ()) -> None:
+        super().__init__(text)
+        self.dropped = dropped
+        self.received: list[Any] = list(received)
+
+    @classmethod
+    def of(
+        cls, error: BaseException, dropped: int = 1, received: Sequence[Any] = ()
+    ) -> MessageDropped:
+        what = "a message was" if dropped == 1 else f"{dropped} messages were"
+        return cls(
+            f"{what} dropped: it could not be received ({type(error).__name__}: {error})",
+            dropped,
+            received,
+        )
 
 
 class QueueCounters(NamedTuple):
@@ -93,6 +130,7 @@ class QueueCounters(NamedTuple):
     reading: int
     reclaimed: int
     redelivered: int
+    dropped: int
 
 
 class SlotQueue(SharedObject):
@@ -110,15 +148,20 @@ class SlotQueue(SharedObject):
         self._free = segment.free
         self._slots = segment.slots
         self._payload = segment.payload
+        self._stride = segment.layout.stride
+        #: Messages up to this length are copied with the mutex held.
+        self._small = min(self._stride, LOCKED_COPY_LIMIT)
 
     @classmethod
     def create(cls, capacity: int, max_message_size: int) -> SlotQueue:
         queue = cls(Segment.create(capacity, max_message_size))
-        with queue.critical():
-            for slot in range(capacity):
-                queue._free[slot] = slot
-            queue._ctl[NFREE] = capacity
+        queue.locked(queue._init_locked)
         return queue
+
+    def _init_locked(self) -> None:
+        for slot in range(self.capacity):
+            self._free[slot] = slot
+        self._ctl[NFREE] = self.capacity
 
     def __reduce__(self) -> tuple[object, ...]:
         return (SlotQueue, (self.segment,))
@@ -131,36 +174,18 @@ class SlotQueue(SharedObject):
     def try_put(self, owner: int, message: Message) -> None:
         """Publish one message.
 
-        Raises ``WouldBlock`` when every slot is taken and ``BrokenResourceError`` when
-        no receive handle is open; nothing is changed then.
+        Raises ``WouldBlock`` when every slot is taken, ``BrokenResourceError`` when no
+        receive handle is open, and ``ClosedResourceError`` when no send handle is open
+        (the stream has ended: a handle closed by another thread meanwhile); nothing is
+        changed then. A large message is copied with the mutex free, and the send
+        handles are counted again when it is published.
         """
-        ctl = self._ctl
-        self._lock()
-        try:
-            if ctl[OPEN + RECV] <= 0:
-                outcome = _BROKEN
-            elif ctl[NFREE] == 0:
-                outcome = _FULL
-            else:
-                n = ctl[NFREE] - 1
-                slot = self._free[n]
-                if message.length <= LOCKED_COPY_LIMIT:
-                    message.write(self._payload[slot])
-                    ctl[NFREE] = n
-                    self._publish_locked(slot, message.start, message.length)
-                    outcome = _DONE
-                else:
-                    ctl[NFREE] = n
-                    self._hold_locked(slot, WRITING, owner)
-                    outcome = _CLAIMED
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        outcome = self.locked(self._put_locked, owner, message)
         if outcome == _DONE:
             return
-        if outcome != _CLAIMED:
+        if outcome < _CLAIMED_SLOT:
             self._raise_for(outcome)
+        slot = outcome - _CLAIMED_SLOT
         try:
             message.write(self._payload[slot])
         except BaseException:
@@ -168,37 +193,35 @@ class SlotQueue(SharedObject):
             raise
         self.publish(slot, message.start, message.length)
 
+    def _put_locked(self, owner: int, message: Message) -> int:
+        """An outcome, or ``_CLAIMED_SLOT + slot`` for a large message's claimed slot."""
+        ctl = self._ctl
+        if ctl[OPEN + RECV] <= 0:
+            return _BROKEN
+        if ctl[OPEN + SEND] <= 0 or ctl[ENDED]:
+            return _CLOSED
+        n = ctl[NFREE] - 1
+        if n < 0:
+            return _FULL
+        slot: int = self._free[n]
+        if message.length <= LOCKED_COPY_LIMIT:
+            message.write(self._payload[slot])
+            ctl[NFREE] = n
+            self._publish_locked(slot, message.start, message.length)
+            return _DONE
+        ctl[NFREE] = n
+        self._hold_locked(slot, WRITING, owner)
+        return _CLAIMED_SLOT + slot
+
     def try_put_many(self, owner: int, messages: Sequence[Message]) -> int:
         """Publish a prefix of ``messages`` in one locked round; return how many.
 
         Takes as many as there are free slots. A large message is published on its own
         (two rounds) and ends the prefix. Raises like :meth:`try_put` if none can go.
         """
-        ctl = self._ctl
         if not messages:
             return 0
-        sent = 0
-        self._lock()
-        try:
-            if ctl[OPEN + RECV] <= 0:
-                outcome = _BROKEN
-            elif ctl[NFREE] == 0:
-                outcome = _FULL
-            else:
-                outcome = _DONE
-                for message in messages:
-                    n = ctl[NFREE] - 1
-                    if n < 0 or message.length > LOCKED_COPY_LIMIT:
-                        break
-                    slot = self._free[n]
-                    message.write(self._payload[slot])
-                    ctl[NFREE] = n
-                    self._publish_locked(slot, message.start, message.length)
-                    sent += 1
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        outcome, sent = self.locked(self._put_many_locked, messages)
         if outcome != _DONE:
             self._raise_for(outcome)
         if sent == 0:
@@ -206,48 +229,72 @@ class SlotQueue(SharedObject):
             sent = 1
         return sent
 
+    def _put_many_locked(self, messages: Sequence[Message]) -> tuple[int, int]:
+        ctl = self._ctl
+        if ctl[OPEN + RECV] <= 0:
+            return _BROKEN, 0
+        if ctl[OPEN + SEND] <= 0 or ctl[ENDED]:
+            return _CLOSED, 0
+        if ctl[NFREE] == 0:
+            return _FULL, 0
+        sent = 0
+        for message in messages:
+            n = ctl[NFREE] - 1
+            if n < 0 or message.length > LOCKED_COPY_LIMIT:
+                break
+            slot = self._free[n]
+            message.write(self._payload[slot])
+            ctl[NFREE] = n
+            self._publish_locked(slot, message.start, message.length)
+            sent += 1
+        return _DONE, sent
+
     def claim(self, owner: int) -> int:
         """Take a free slot for ``owner`` to fill (state ``WRITING``); return its number."""
-        ctl = self._ctl
-        self._lock()
-        try:
-            if ctl[OPEN + RECV] <= 0:
-                outcome = _BROKEN
-            elif ctl[NFREE] == 0:
-                outcome = _FULL
-            else:
-                n = ctl[NFREE] - 1
-                slot = self._free[n]
-                ctl[NFREE] = n
-                self._hold_locked(slot, WRITING, owner)
-                outcome = _DONE
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        outcome, slot = self.locked(self._claim_locked, owner)
         if outcome != _DONE:
             self._raise_for(outcome)
         return slot
 
+    def _claim_locked(self, owner: int) -> tuple[int, int]:
+        ctl = self._ctl
+        if ctl[OPEN + RECV] <= 0:
+            return _BROKEN, -1
+        if ctl[OPEN + SEND] <= 0 or ctl[ENDED]:
+            return _CLOSED, -1
+        n = ctl[NFREE] - 1
+        if n < 0:
+            return _FULL, -1
+        slot = self._free[n]
+        ctl[NFREE] = n
+        self._hold_locked(slot, WRITING, owner)
+        return _DONE, slot
+
     def publish(self, slot: int, start: int, length: int) -> None:
         """Publish a claimed slot holding the message ``slot[start:length]``.
 
-        Raises ``BrokenResourceError`` (and frees the slot) if no receive handle is open
-        any more.
+        Raises ``BrokenResourceError`` if no receive handle is open any more, and
+        ``ClosedResourceError`` if no send handle is (the stream has ended, and a
+        receiver may have been told so); the slot is freed then, and nothing is sent.
         """
-        with self.critical():
-            broken = self._ctl[OPEN + RECV] <= 0
-            if broken:
-                self._free_locked(slot)
-            else:
-                self._publish_locked(slot, start, length)
-        if broken:
-            raise BrokenResourceError
+        outcome = self.locked(self._publish_claimed_locked, slot, start, length)
+        if outcome != _DONE:
+            self._raise_for(outcome)
+
+    def _publish_claimed_locked(self, slot: int, start: int, length: int) -> int:
+        ctl = self._ctl
+        if ctl[OPEN + RECV] <= 0:
+            self._free_locked(slot)
+            return _BROKEN
+        if ctl[OPEN + SEND] <= 0 or ctl[ENDED]:
+            self._free_locked(slot)
+            return _CLOSED
+        self._publish_locked(slot, start, length)
+        return _DONE
 
     def abandon(self, slot: int) -> None:
         """Give a claimed slot back unpublished."""
-        with self.critical():
-            self._free_locked(slot)
+        self.locked(self._free_locked, slot)
 
     # ------------------------------------------------------------ receiving
 
@@ -257,129 +304,259 @@ class SlotQueue(SharedObject):
         ``read`` runs with the mutex free: on a private copy of a small message, or on
         the slot itself (held for this process) for a large one. Raises ``WouldBlock``
         when nothing is buffered, ``EndOfStream`` when moreover no send handle is open.
-        If ``read`` raises, a large message goes back to the head of the queue; a small
-        one has already been received.
+
+        If ``read`` raises an ``Exception``, the message is dropped, whatever its size:
+        its slot is freed, :attr:`QueueCounters.dropped` counts it, and
+        :class:`MessageDropped` is raised with the error as its ``__cause__``. So is a
+        message whose place in the slot (or whose slot number) is corrupt. Any other
+        exception (``KeyboardInterrupt``, a cancellation) while a large message is read
+        puts it back at the head of the queue.
         """
-        ctl = self._ctl
-        slots = self._slots
-        self._lock()
-        try:
-            head = ctl[HEAD]
-            if head == ctl[TAIL]:
-                outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
-            else:
-                slot = self._ring[head % self.capacity]
-                base = slot * SLOT_FIELDS
-                start, length = slots[base + SLOT_START], slots[base + SLOT_LENGTH]
-                if length <= LOCKED_COPY_LIMIT:
-                    copy = bytearray(self._payload[slot][start:length])
-                    ctl[HEAD] = head + 1
-                    self._free_locked(slot)
-                    outcome = _DONE
-                else:
-                    ctl[HEAD] = head + 1
-                    self._hold_locked(slot, READING, owner)
-                    outcome = _CLAIMED
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
-        if outcome == _DONE:
-            return read(memoryview(copy), True)
+        got = self.locked(self._get_locked, owner)
+        if type(got) is bytearray:  # a small message, copied out
+            try:
+                return read(memoryview(got), True)
+            except Exception as exc:
+                self.locked(self._count_dropped_locked, 1)
+                raise MessageDropped.of(exc) from exc
+        outcome, slot, data, length = got
         if outcome != _CLAIMED:
-            self._raise_for(outcome)
+            self._raise_for(outcome, data)
+        start = data
         try:
             value = read(self._payload[slot][start:length], False)
+        except Exception as exc:
+            self.drop(slot, exc)
         except BaseException:
             self.put_back(slot)
             raise
         self.release(slot)
         return value
 
+    def _get_locked(self, owner: int) -> bytearray | tuple[int, int, Any, int]:
+        """A copy of a small message; else ``(outcome, slot, start or error, length)``."""
+        ctl, cap, slots = self._ctl, self.capacity, self._slots
+        head = ctl[HEAD]
+        slot = self._ring[head % cap]
+        if 0 < ctl[TAIL] - head <= cap and 0 <= slot < cap:
+            # The common case, checked inline: a small, well-formed message.
+            base = slot * SLOT_FIELDS
+            start, length = slots[base + SLOT_START], slots[base + SLOT_LENGTH]
+            if slots[base + SLOT_STATE] == READY and 0 <= start <= length <= self._small:
+                ctl[HEAD] = head + 1
+                copy = bytearray(self._payload[slot][start:length])
+                self._free_locked(slot)
+                return copy
+        oldest = self._oldest_locked()
+        if oldest is None:
+            return self._empty_locked(), -1, None, 0
+        slot, start, length, error = self._head_locked(oldest)
+        if error is not None:
+            return _CORRUPT, slot, error, 0
+        ctl[HEAD] = oldest + 1
+        if length <= LOCKED_COPY_LIMIT:
+            copy = bytearray(self._payload[slot][start:length])
+            self._free_locked(slot)
+            return copy
+        self._hold_locked(slot, READING, owner)
+        return _CLAIMED, slot, start, length
+
     def try_get_many(self, owner: int, limit: int, read: Reader[T]) -> list[T]:
         """Take up to ``limit`` small messages in one locked round (at least one).
 
         A large message at the head is taken on its own. Raises like :meth:`try_get`
         if none is buffered.
+
+        A message that cannot be read is dropped as by :meth:`try_get`, and the others
+        are still received: :class:`MessageDropped` is raised after the whole batch has
+        been read, and its :attr:`~MessageDropped.received` holds the messages that
+        were read, in order.
         """
-        ctl, slots, cap = self._ctl, self._slots, self.capacity
-        copies: list[bytearray] = []
-        self._lock()
-        try:
-            head, tail = ctl[HEAD], ctl[TAIL]
-            if head == tail:
-                outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
-            else:
-                outcome = _DONE
-                while head < tail and len(copies) < limit:
-                    slot = self._ring[head % cap]
-                    base = slot * SLOT_FIELDS
-                    start, length = slots[base + SLOT_START], slots[base + SLOT_LENGTH]
-                    if length > LOCKED_COPY_LIMIT:
-                        break
-                    copies.append(bytearray(self._payload[slot][start:length]))
-                    head += 1
-                    ctl[HEAD] = head
-                    self._free_locked(slot)
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        outcome, copies, errors = self.locked(self._get_many_locked, limit)
         if outcome != _DONE:
             self._raise_for(outcome)
-        if not copies:
+        if not copies and not errors:
             return [self.try_get(owner, read)]
-        return [read(memoryview(copy), True) for copy in copies]
+        received: list[T] = []
+        undecodable = 0
+        for copy in copies:
+            try:
+                received.append(read(memoryview(copy), True))
+            except Exception as exc:
+                errors.append(exc)
+                undecodable += 1
+        if errors:
+            if undecodable:
+                self.locked(self._count_dropped_locked, undecodable)
+            raise MessageDropped.of(errors[0], len(errors), received) from errors[0]
+        return received
+
+    def _get_many_locked(self, limit: int) -> tuple[int, list[bytearray], list[Exception]]:
+        ctl = self._ctl
+        copies: list[bytearray] = []
+        errors: list[Exception] = []
+        head = self._oldest_locked()
+        if head is None:
+            return self._empty_locked(), copies, errors
+        while head < ctl[TAIL] and len(copies) + len(errors) < limit:
+            slot, start, length, error = self._head_locked(head)
+            if error is not None:
+                errors.append(error)
+                head = ctl[HEAD]  # taken off (and the ring repaired)
+                continue
+            if length > LOCKED_COPY_LIMIT:
+                break
+            head += 1
+            ctl[HEAD] = head
+            copies.append(bytearray(self._payload[slot][start:length]))
+            self._free_locked(slot)
+        return _DONE, copies, errors
 
     def take(self, owner: int) -> tuple[int, memoryview]:
         """Take the oldest message's slot for ``owner`` to read (state ``READING``).
 
-        Returns the slot and a view of its message; the caller must :meth:`release` it
-        or :meth:`put_back` it.
+        Returns the slot and a view of its message; the caller must :meth:`release` it,
+        :meth:`put_back` it, or :meth:`drop` it. Raises :class:`MessageDropped` for a
+        message whose place in its slot is corrupt.
         """
-        ctl = self._ctl
-        self._lock()
-        try:
-            head = ctl[HEAD]
-            if head == ctl[TAIL]:
-                outcome = _ENDED if ctl[OPEN + SEND] <= 0 else _EMPTY
-            else:
-                slot = self._ring[head % self.capacity]
-                base = slot * SLOT_FIELDS
-                start, length = self._slots[base + SLOT_START], self._slots[base + SLOT_LENGTH]
-                ctl[HEAD] = head + 1
-                self._hold_locked(slot, READING, owner)
-                outcome = _DONE
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        outcome, slot, start, length = self.locked(self._take_locked, owner)
         if outcome != _DONE:
-            self._raise_for(outcome)
+            self._raise_for(outcome, start)
         return slot, self._payload[slot][start:length]
+
+    def _take_locked(self, owner: int) -> tuple[int, int, Any, int]:
+        ctl = self._ctl
+        head = self._oldest_locked()
+        if head is None:
+            return self._empty_locked(), -1, None, 0
+        slot, start, length, error = self._head_locked(head)
+        if error is not None:
+            return _CORRUPT, slot, error, 0
+        ctl[HEAD] = head + 1
+        self._hold_locked(slot, READING, owner)
+        return _DONE, slot, start, length
 
     def release(self, slot: int) -> None:
         """Free a slot that has been read."""
-        with self.critical():
-            self._free_locked(slot)
+        self.locked(self._release_locked, slot)
+
+    def _release_locked(self, slot: int) -> None:
+        self._free_locked(slot)
+        if self._ctl[OPEN + SEND] <= 0:  # a receiver may be waiting for the end
+            self._ring_all_locked(RECV)
+
+    def drop(self, slot: int, error: BaseException) -> NoReturn:
+        """Free a taken slot whose message cannot be received, and say so.
+
+        Counts it in :attr:`QueueCounters.dropped` and raises :class:`MessageDropped`
+        with ``error`` as its cause.
+        """
+        self.locked(self._drop_locked, slot)
+        raise MessageDropped.of(error) from error
+
+    def _drop_locked(self, slot: int) -> None:
+        self._release_locked(slot)
+        self._ctl[DROPPED] += 1
+
+    def _count_dropped_locked(self, n: int) -> None:
+        self._ctl[DROPPED] += n
 
     def put_back(self, slot: int) -> None:
         """Return a taken slot unread to the head of the queue."""
-        with self.critical():
-            self._requeue_locked(slot)
+        self.locked(self._requeue_locked, slot)
 
     def slot_memory(self, slot: int) -> memoryview:
         return self._payload[slot]
 
     # ------------------------------------------------------------ internals
 
-    def _raise_for(self, outcome: int) -> None:
+    def _raise_for(self, outcome: int, error: Any = None) -> NoReturn:
         if outcome == _BROKEN:
             raise BrokenResourceError
         if outcome == _ENDED:
             raise EndOfStream
+        if outcome == _CLOSED:
+            raise ClosedResourceError(
+                "every send handle of this channel is closed (one was closed by another "
+                "thread meanwhile): the stream has ended, and nothing was sent"
+            )
+        if outcome == _CORRUPT:
+            raise MessageDropped.of(error) from error
         self.maybe_sweep()
         raise WouldBlock
+
+    def _empty_locked(self) -> int:
+        """The outcome of a receive that finds the queue empty: ``_EMPTY`` or, for good,
+        ``_ENDED``. The end is declared once no send handle is open and no message is
+        being read (one being read may be put back); from then on nothing is published.
+        """
+        ctl = self._ctl
+        if ctl[ENDED]:
+            return _ENDED
+        if ctl[OPEN + SEND] > 0 or self._reading_locked():
+            return _EMPTY
+        ctl[ENDED] = 1
+        return _ENDED
+
+    def _reading_locked(self) -> bool:
+        slots = self._slots
+        for base in range(0, self.capacity * SLOT_FIELDS, SLOT_FIELDS):
+            if slots[base + SLOT_STATE] == READING:
+                return True
+        return False
+
+    def _oldest_locked(self) -> int | None:
+        """The ring position of the oldest message, or ``None`` if none is buffered.
+
+        A head and tail more than ``capacity`` apart (or crossed) are corrupt: the ring
+        is repaired (:meth:`_repair_locked`) before anything is read from it.
+        """
+        ctl = self._ctl
+        head, tail = ctl[HEAD], ctl[TAIL]
+        if head == tail:
+            return None
+        if not 0 < tail - head <= self.capacity:
+            self._repair_locked()
+            head = ctl[HEAD]
+            if head == ctl[TAIL]:
+                return None
+        return head
+
+    def _head_locked(self, head: int) -> tuple[int, int, int, Exception | None]:
+        """``(slot, start, length, error)`` of the message at ring position ``head``.
+
+        ``error`` says what is corrupt, if anything: the ring entry, the slot's state,
+        or where the message lies in the slot. A corrupt message is then already taken
+        off the queue and counted as dropped: the head is past it, its slot (if valid)
+        is free, and after a corrupt ring entry the ring is repaired
+        (:meth:`_repair_locked`), which queues again the slot the entry lost.
+        """
+        ctl, cap = self._ctl, self.capacity
+        slot = self._ring[head % cap]
+        if not 0 <= slot < cap or self._slots[slot * SLOT_FIELDS + SLOT_STATE] != READY:
+            what = "is not a slot" if not 0 <= slot < cap else "holds no published message"
+            error = CorruptMessage(f"ring entry {head % cap} names slot {slot}, which {what}")
+        else:
+            base = slot * SLOT_FIELDS
+            start, length = self._slots[base + SLOT_START], self._slots[base + SLOT_LENGTH]
+            if 0 <= start <= length <= self._stride:
+                return slot, start, length, None
+            ctl[HEAD] = head + 1
+            ctl[DROPPED] += 1
+            self._free_locked(slot)
+            return (
+                -1,
+                0,
+                0,
+                CorruptMessage(
+                    f"slot {slot} says its message lies at [{start}:{length}], outside the "
+                    f"slot's {self._stride} bytes"
+                ),
+            )
+        ctl[HEAD] = head + 1
+        ctl[DROPPED] += 1
+        self._repair_locked()
+        return -1, 0, 0, error
 
     def _hold_locked(self, slot: int, state: int, owner: int) -> None:
         base = slot * SLOT_FIELDS
@@ -418,11 +595,15 @@ class SlotQueue(SharedObject):
     def _ready_locked(self, side: int) -> int:
         ctl = self._ctl
         if side == SEND:
-            return INFINITE if ctl[OPEN + RECV] <= 0 else ctl[NFREE]
+            if ctl[OPEN + RECV] <= 0 or ctl[OPEN + SEND] <= 0 or ctl[ENDED]:
+                return INFINITE
+            return ctl[NFREE]
         buffered = ctl[TAIL] - ctl[HEAD]
         if buffered > 0:
             return buffered
-        return INFINITE if ctl[OPEN + SEND] <= 0 else 0
+        if ctl[ENDED] or (ctl[OPEN + SEND] <= 0 and not self._reading_locked()):
+            return INFINITE
+        return 0
 
     def _worth_waking_locked(self, side: int) -> int:
         ready = self._ready_locked(side)
@@ -481,17 +662,20 @@ class SlotQueue(SharedObject):
     # ------------------------------------------------------------ statistics
 
     def counters(self) -> QueueCounters:
-        with self.critical():
-            ctl, slots = self._ctl, self._slots
-            states = [slots[s * SLOT_FIELDS + SLOT_STATE] for s in range(self.capacity)]
-            return QueueCounters(
-                buffered=ctl[TAIL] - ctl[HEAD],
-                capacity=self.capacity,
-                open_send=max(0, ctl[OPEN + SEND]),
-                open_receive=max(0, ctl[OPEN + RECV]),
-                free=ctl[NFREE],
-                writing=states.count(WRITING),
-                reading=states.count(READING),
-                reclaimed=ctl[RECLAIMED],
-                redelivered=ctl[REDELIVERED],
-            )
+        return self.locked(self._counters_locked)
+
+    def _counters_locked(self) -> QueueCounters:
+        ctl, slots = self._ctl, self._slots
+        states = [slots[s * SLOT_FIELDS + SLOT_STATE] for s in range(self.capacity)]
+        return QueueCounters(
+            buffered=ctl[TAIL] - ctl[HEAD],
+            capacity=self.capacity,
+            open_send=max(0, ctl[OPEN + SEND]),
+            open_receive=max(0, ctl[OPEN + RECV]),
+            free=ctl[NFREE],
+            writing=states.count(WRITING),
+            reading=states.count(READING),
+            reclaimed=ctl[RECLAIMED],
+            redelivered=ctl[REDELIVERED],
+            dropped=ctl[DROPPED],
+        )

@@ -173,8 +173,7 @@ class _State(SharedObject):
                 except RuntimeError:  # the table is full: make room from the dead first
                     self.sweep(force=True)
                     entry = self.register()
-                with self.critical():
-                    self._init_entry_locked(entry)
+                self.locked(self._init_entry_locked, entry)
                 self.entry = entry
         return self.entry
 
@@ -236,55 +235,24 @@ class _LockState(_State):
             raise WouldBlock
 
     def _acquire_once(self, owner: int, depth: int) -> bool:
-        entry = self.my_entry()
+        return self.locked(self._acquire_locked, self.my_entry(), owner, depth)
+
+    def _acquire_locked(self, entry: int, owner: int, depth: int) -> bool:
         ctl = self._ctl
-        self._lock()
-        try:
-            holder = ctl[_L_ENTRY]
-            if holder == 0:
-                ctl[_L_OWNER] = owner
-                ctl[_L_COUNT] = depth
-                ctl[_L_ENTRY] = entry + 1  # the commit
-                outcome = _DONE
-            elif self.reentrant and holder == entry + 1 and ctl[_L_OWNER] == owner:
-                ctl[_L_COUNT] += depth
-                outcome = _DONE
-            else:
-                outcome = _BUSY
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
-        return outcome == _DONE
+        holder = ctl[_L_ENTRY]
+        if holder == 0:
+            ctl[_L_OWNER] = owner
+            ctl[_L_COUNT] = depth
+            ctl[_L_ENTRY] = entry + 1  # the commit
+            return True
+        if self.reentrant and holder == entry + 1 and ctl[_L_OWNER] == owner:
+            ctl[_L_COUNT] += depth
+            return True
+        return False
 
     def release(self, owner: int, name: str, all_levels: bool = False) -> int:
         """Release one level (or all); return how many were released."""
-        ctl = self._ctl
-        entry = self.entry
-        depth = 0
-        self._lock()
-        try:
-            holder = ctl[_L_ENTRY]
-            if holder == 0:
-                outcome = _UNLOCKED
-            elif self.reentrant and (holder != entry + 1 or ctl[_L_OWNER] != owner):
-                outcome = _NOT_OWNER
-            else:
-                outcome = _DONE
-                depth = ctl[_L_COUNT] if all_levels else 1
-                remaining = ctl[_L_COUNT] - depth
-                if remaining > 0:
-                    ctl[_L_COUNT] = remaining
-                else:
-                    ctl[_L_ENTRY] = 0  # the commit
-                    ctl[_L_OWNER] = 0
-                    ctl[_L_COUNT] = 0
-                    ctl[_L_DIED] = 0
-                    self._ring_one_locked(WAIT)
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
+        outcome, depth = self.locked(self._release_locked, owner, all_levels)
         if outcome == _UNLOCKED:
             raise RuntimeError(f"release of an unlocked {name}")
         if outcome == _NOT_OWNER:
@@ -294,6 +262,26 @@ class _LockState(_State):
             )
         return depth
 
+    def _release_locked(self, owner: int, all_levels: bool) -> tuple[int, int]:
+        ctl = self._ctl
+        entry = self.entry
+        holder = ctl[_L_ENTRY]
+        if holder == 0:
+            return _UNLOCKED, 0
+        if self.reentrant and (holder != entry + 1 or ctl[_L_OWNER] != owner):
+            return _NOT_OWNER, 0
+        depth = ctl[_L_COUNT] if all_levels else 1
+        remaining = ctl[_L_COUNT] - depth
+        if remaining > 0:
+            ctl[_L_COUNT] = remaining
+        else:
+            ctl[_L_ENTRY] = 0  # the commit
+            ctl[_L_OWNER] = 0
+            ctl[_L_COUNT] = 0
+            ctl[_L_DIED] = 0
+            self._ring_one_locked(WAIT)
+        return _DONE, depth
+
     def held_by_caller(self, owner: int) -> bool:
         """An RLock: held by ``owner`` of this process. A Lock: held by this process
         (a Lock has no owning task: on Python 3.11 ``asyncio.wait_for`` runs what it
@@ -301,9 +289,11 @@ class _LockState(_State):
         entry = self.entry
         if entry < 0:
             return False
-        with self.critical():
-            holder, holding = self._ctl[_L_ENTRY], self._ctl[_L_OWNER]
+        holder, holding = self.locked(self._holder_locked)
         return bool(holder == entry + 1 and (holding == owner or not self.reentrant))
+
+    def _holder_locked(self) -> tuple[int, int]:
+        return self._ctl[_L_ENTRY], self._ctl[_L_OWNER]
 
     def _ready_locked(self, side: int) -> int:
         return 1 if self._ctl[_L_ENTRY] == 0 else 0
@@ -341,49 +331,38 @@ class _SemaphoreState(_State):
             raise WouldBlock
 
     def _acquire_once(self, scoped: bool) -> bool:
-        entry = self.my_entry() if scoped else -1
+        return self.locked(self._acquire_locked, self.my_entry() if scoped else -1, scoped)
+
+    def _acquire_locked(self, entry: int, scoped: bool) -> bool:
         ctl = self._ctl
-        self._lock()
-        try:
-            if ctl[_S_VALUE] <= 0:
-                outcome = _BUSY
-            else:
-                if scoped:
-                    self.held[entry] += 1  # the commit: a held permit
-                else:
-                    ctl[_S_TOTAL] -= 1  # the commit: a consumed permit
-                ctl[_S_VALUE] -= 1
-                outcome = _DONE
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
-        return outcome == _DONE
+        if ctl[_S_VALUE] <= 0:
+            return False
+        if scoped:
+            self.held[entry] += 1  # the commit: a held permit
+        else:
+            ctl[_S_TOTAL] -= 1  # the commit: a consumed permit
+        ctl[_S_VALUE] -= 1
+        return True
 
     def release(self, scoped: bool) -> None:
-        entry = self.entry
         ctl = self._ctl
-        self._lock()
-        try:
-            if ctl[_S_BOUNDED] and ctl[_S_VALUE] >= ctl[_S_INITIAL]:
-                outcome = _OVERFLOW
-            else:
-                if scoped and entry >= 0 and self.held[entry] > 0:
-                    self.held[entry] -= 1  # the commit: a held permit given back
-                else:
-                    ctl[_S_TOTAL] += 1  # the commit: a new permit
-                ctl[_S_VALUE] += 1
-                self._ring_one_locked(WAIT)
-                outcome = _DONE
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
-        if outcome == _OVERFLOW:
+        if self.locked(self._release_locked, self.entry, scoped) == _OVERFLOW:
             raise ValueError(
                 "BoundedSemaphore released more times than it was acquired (its value "
                 f"would exceed its initial value, {ctl[_S_INITIAL]})"
             )
+
+    def _release_locked(self, entry: int, scoped: bool) -> int:
+        ctl = self._ctl
+        if ctl[_S_BOUNDED] and ctl[_S_VALUE] >= ctl[_S_INITIAL]:
+            return _OVERFLOW
+        if scoped and entry >= 0 and self.held[entry] > 0:
+            self.held[entry] -= 1  # the commit: a held permit given back
+        else:
+            ctl[_S_TOTAL] += 1  # the commit: a new permit
+        ctl[_S_VALUE] += 1
+        self._ring_one_locked(WAIT)
+        return _DONE
 
     def _ready_locked(self, side: int) -> int:
         return max(0, self._ctl[_S_VALUE])
@@ -423,13 +402,15 @@ class _EventState(_State):
 
     def start_waiting(self) -> int | None:
         """``None`` if set, else the generation to wait from (now registered)."""
-        with self.critical():
-            if self._ctl[_E_FLAG]:
-                return None
-            generation = self._ctl[_E_GEN]
+        generation: int | None = self.locked(self._generation_locked)
+        if generation is None:
+            return None
         with self._generations_lock:
             self._generations[generation] = self._generations.get(generation, 0) + 1
         return generation
+
+    def _generation_locked(self) -> int | None:
+        return None if self._ctl[_E_FLAG] else self._ctl[_E_GEN]
 
     def stop_waiting(self, generation: int) -> None:
         with self._generations_lock:
@@ -440,23 +421,28 @@ class _EventState(_State):
                 del self._generations[generation]
 
     def check(self, generation: int) -> None:
-        ctl = self._ctl
-        with self.critical():
-            done = bool(ctl[_E_FLAG] or ctl[_E_GEN] != generation)
-        if not done:
+        if not self.locked(self._done_locked, generation):
             raise WouldBlock
 
+    def _done_locked(self, generation: int) -> bool:
+        ctl = self._ctl
+        return bool(ctl[_E_FLAG] or ctl[_E_GEN] != generation)
+
     def set(self) -> None:
-        with self.critical():
-            ctl = self._ctl
-            if not ctl[_E_FLAG]:
-                ctl[_E_FLAG] = 1
-                ctl[_E_GEN] += 1
-                self._ring_all_locked(WAIT)
+        self.locked(self._set_locked)
+
+    def _set_locked(self) -> None:
+        ctl = self._ctl
+        if not ctl[_E_FLAG]:
+            ctl[_E_FLAG] = 1
+            ctl[_E_GEN] += 1
+            self._ring_all_locked(WAIT)
 
     def clear(self) -> None:
-        with self.critical():
-            self._ctl[_E_FLAG] = 0
+        self.locked(self._clear_locked)
+
+    def _clear_locked(self) -> None:
+        self._ctl[_E_FLAG] = 0
 
 
 class _ConditionState(_State):
@@ -534,59 +520,61 @@ class _ConditionState(_State):
                 self.waiting[entry] = 0
 
     def add_ticket(self, entry: int) -> None:
-        ctl = self._ctl
-        with self.critical():
-            if ctl[_C_TAIL] - ctl[_C_CURSOR] >= CONDITION_CAPACITY:
-                self._compact_locked()
-            tail = ctl[_C_TAIL]
-            full = tail - ctl[_C_CURSOR] >= CONDITION_CAPACITY
-            if not full:
-                self.ring[tail % CONDITION_CAPACITY] = entry + 1
-                ctl[_C_TAIL] = tail + 1  # the commit
-                self.waiting[entry] += 1
-                self.registered += 1
-        if full:
+        if not self.locked(self._add_ticket_locked, entry):
             raise RuntimeError(f"more than {CONDITION_CAPACITY} waits on this Condition")
+
+    def _add_ticket_locked(self, entry: int) -> bool:
+        ctl = self._ctl
+        if ctl[_C_TAIL] - ctl[_C_CURSOR] >= CONDITION_CAPACITY:
+            self._compact_locked()
+        tail = ctl[_C_TAIL]
+        if tail - ctl[_C_CURSOR] >= CONDITION_CAPACITY:
+            return False
+        self.ring[tail % CONDITION_CAPACITY] = entry + 1
+        ctl[_C_TAIL] = tail + 1  # the commit
+        self.waiting[entry] += 1
+        self.registered += 1
+        return True
 
     def consume(self, entry: int) -> None:
         """Take a notification granted to this process, or raise ``WouldBlock``."""
-        self._lock()
-        try:
-            taken = self.grants[entry] > 0
-            if taken:
-                self.grants[entry] -= 1
-                self.registered -= 1
-                self._tidy_locked(entry)
-        except BaseException:
-            self._abort()
-            raise
-        self._unlock()
-        if not taken:
+        if not self.locked(self._consume_locked, entry):
             raise self.would_block()
+
+    def _consume_locked(self, entry: int) -> bool:
+        if self.grants[entry] <= 0:
+            return False
+        self.grants[entry] -= 1
+        self.registered -= 1
+        self._tidy_locked(entry)
+        return True
 
     def withdraw(self, entry: int) -> None:
         """A task leaves wait() without a notification: withdraw a ticket of this
         process, or, if none is left, pass on a notification granted to it (the
         cancelled task's), to the oldest ticket in any process."""
-        with self.critical():
-            self.registered -= 1
-            if not self._withdraw_ticket_locked(entry) and self.grants[entry] > 0:
-                self._pass_on_locked()
-                self.grants[entry] -= 1
-            self._tidy_locked(entry)
+        self.locked(self._withdraw_locked, entry)
+
+    def _withdraw_locked(self, entry: int) -> None:
+        self.registered -= 1
+        if not self._withdraw_ticket_locked(entry) and self.grants[entry] > 0:
+            self._pass_on_locked()
+            self.grants[entry] -= 1
+        self._tidy_locked(entry)
 
     def pass_on(self) -> None:
-        with self.critical():
-            self._pass_on_locked()
+        self.locked(self._pass_on_locked)
 
     def notify(self, n: int) -> None:
-        with self.critical():
-            granted = 0
-            while granted < n and self._grant_one_locked():
-                granted += 1
-            if granted:
-                self._ctl[_C_NOTIFIED] += granted
-                self._ring_all_locked(WAIT)
+        self.locked(self._notify_locked, n)
+
+    def _notify_locked(self, n: int) -> None:
+        granted = 0
+        while granted < n and self._grant_one_locked():
+            granted += 1
+        if granted:
+            self._ctl[_C_NOTIFIED] += granted
+            self._ring_all_locked(WAIT)
 
     def _ready_locked(self, side: int) -> int:
         entry = self.entry
@@ -623,9 +611,11 @@ class _ConditionState(_State):
                 ring[ticket % cap] = 0
 
     def counts(self) -> tuple[int, int, int, int]:
-        with self.critical():
-            ctl = self._ctl
-            return sum(self.waiting), sum(self.grants), ctl[_C_NOTIFIED], ctl[_C_PASSED]
+        return self.locked(self._counts_locked)
+
+    def _counts_locked(self) -> tuple[int, int, int, int]:
+        ctl = self._ctl
+        return sum(self.waiting), sum(self.grants), ctl[_C_NOTIFIED], ctl[_C_PASSED]
 
 
 # ---------------------------------------------------------------------- locks
@@ -738,14 +728,12 @@ class _LockBase:
     def statistics(self) -> LockStatistics:
         """A snapshot of the lock (see :class:`LockStatistics`)."""
         state = self._state
-        with state.critical():
-            ctl = state.segment.ctl
-            locked, died, recoveries, depth = (
-                ctl[_L_ENTRY] != 0,
-                bool(ctl[_L_DIED]),
-                ctl[_L_RECOVERED],
-                ctl[_L_COUNT],
-            )
+        ctl = state.segment.ctl
+
+        def snapshot() -> tuple[bool, bool, int, int]:
+            return ctl[_L_ENTRY] != 0, bool(ctl[_L_DIED]), ctl[_L_RECOVERED], ctl[_L_COUNT]
+
+        locked, died, recoveries, depth = state.locked(snapshot)
         return LockStatistics(locked, died, recoveries, depth, state.tasks_waiting)
 
     async def __aenter__(self) -> None:
@@ -922,9 +910,12 @@ class Semaphore:
     def statistics(self) -> SemaphoreStatistics:
         """A snapshot of the semaphore (see :class:`SemaphoreStatistics`)."""
         state = self._state
-        with state.critical():
-            value, held = state.segment.ctl[_S_VALUE], sum(state.held)
-            reclaimed = state.segment.ctl[_S_RECLAIMED]
+        ctl = state.segment.ctl
+
+        def snapshot() -> tuple[int, int, int]:
+            return ctl[_S_VALUE], sum(state.held), ctl[_S_RECLAIMED]
+
+        value, held, reclaimed = state.locked(snapshot)
         return SemaphoreStatistics(max(0, value), held, reclaimed, state.tasks_waiting)
 
     async def __aenter__(self) -> None:

@@ -37,7 +37,7 @@ def mutex_held(obj: Any) -> bool:
 
     from aioshm import _posix
 
-    addr = obj.segment.mutex._ptr
+    addr = obj.segment.mutex.ptr
     result: list[int] = []
 
     def probe() -> None:

@@ -351,7 +351,7 @@ def die_inside_critical_section(obj: Any, ready: aioshm.Event) -> None:
     is acquired (committed) with the mutex still held."""
     state = obj._state
     entry = state.my_entry()
-    state._lock()
+    state._mutex.acquire()
     if isinstance(obj, aioshm.Semaphore):
         state.held[entry] += 1  # the commit of a held acquire; the value is not lowered
     else:

@@ -149,7 +149,7 @@ def test_oversize_is_checked_before_sending(channel: Any) -> None:
 
 
 def test_corrupt_kind_is_detected() -> None:
-    with pytest.raises(RuntimeError, match="corrupt"):
+    with pytest.raises(aioshm.CorruptMessage, match="corrupt"):
         _codec.decode(bytearray(64), owned=True)
 
 

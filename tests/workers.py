@@ -123,7 +123,7 @@ def hold_mutex(tx: aioshm.SendChannel[Any], ready: aioshm.SendChannel[Any]) -> N
     """Take the channel's mutex mid-operation (state marked dirty), signal, wait."""
     queue = tx._queue
     ready.send_blocking("ready", timeout=10)  # before: afterwards the mutex is ours
-    queue._lock()
+    queue._mutex.acquire()
     queue._ctl[6] = -12345  # NFREE: scribble on derived state, as a half-done update would
     os.kill(os.getpid(), signal.SIGSTOP)  # stop here; the test kills us
 
