@@ -692,3 +692,24 @@ def test_dead_receiver_process_breaks_the_channel_within_the_heartbeat(
                 tx.send_blocking(1, 10)
         # The bound: the heartbeat and a sender's recheck (a quarter of it), plus slack.
         assert time.monotonic() - killed < 2 * 1.25 + 4
+
+
+def test_server_dies_with_its_owner_even_when_killed() -> None:
+    """A SIGKILLed owner (an OOM kill, say) leaves no nats-server behind."""
+    import subprocess
+    import sys
+
+    code = "import aioshm.nats, sys, time; s = aioshm.nats.LocalServer().start(); "
+    code += "print(s.process.pid, flush=True); time.sleep(60)"
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    server_pid = int(owner.stdout.readline())
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{server_pid}").exists():
+        stat = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if stat == "Z":  # dead, waiting for init to reap it
+            break
+        assert time.monotonic() < deadline, "the server outlived its killed owner"
+        time.sleep(0.02)

@@ -44,7 +44,7 @@ def _run(
 ) -> None:
     """``producers`` x ``count`` messages; SIGKILL server ``kills[k]`` once a
     (k+1)/(len(kills)+1) share has been received, restarting it before the next."""
-    url = f"{cluster.url}/c{uuid.uuid4().hex[:10]}?replicas=3&heartbeat=5"
+    url = f"{cluster.url}/c{uuid.uuid4().hex[:10]}?replicas=3&heartbeat=15"
     ctx = multiprocessing.get_context("spawn")
     tx, rx = aioshm.nats.open_channel(url, capacity=256)
     received = ctx.Value("q", 0)

