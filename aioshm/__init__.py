@@ -7,11 +7,15 @@ any process, on asyncio or trio. numpy arrays cross as raw bytes.
 
 from ._channel import (
     ChannelStatistics,
+    HandleHolder,
     ReceiveChannel,
     SendChannel,
+    connect_receive,
+    connect_send,
     items_sent,
     open_channel,
 )
+from ._child import run_child
 from ._float_channel import FloatChannel
 from ._slotqueue import CorruptMessage, MessageDropped
 from ._sync import (
@@ -27,6 +31,7 @@ from ._sync import (
     SemaphoreStatistics,
 )
 from ._values import Array, RawArray, RawValue, SynchronizedArray, SynchronizedValue, Value
+from ._wait import HubFailed
 
 __all__ = [
     "Array",
@@ -38,6 +43,8 @@ __all__ = [
     "Event",
     "EventStatistics",
     "FloatChannel",
+    "HandleHolder",
+    "HubFailed",
     "Lock",
     "LockStatistics",
     "MessageDropped",
@@ -51,7 +58,10 @@ __all__ = [
     "SynchronizedArray",
     "SynchronizedValue",
     "Value",
+    "connect_receive",
+    "connect_send",
     "items_sent",
     "open_channel",
+    "run_child",
 ]
 __version__ = "0.1.0"

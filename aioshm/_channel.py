@@ -30,24 +30,33 @@ import os
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
+from multiprocessing import context
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, NoReturn, Self, TypeVar, cast
 
 import numpy as np
-from anyio import BrokenResourceError, ClosedResourceError, WouldBlock
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.lowlevel import checkpoint
 
-from . import _ownership
+from . import _names, _ownership
 from ._checkpoint import YIELD_EVERY, cancel_pending
-from ._codec import Message, copy_into, decode, encode, loan_layout, view
-from ._layout import HEADER_RESERVE
+from ._codec import Message, copy_into, decode, encode, loan_layout, too_large_advice, view
+from ._layout import HEADER_RESERVE, UID
 from ._posix import Reentered, supported
 from ._shared import RECV, SEND
 from ._slotqueue import CorruptMessage, SlotQueue
 from ._wait import Hub
 
-__all__ = ["ChannelStatistics", "ReceiveChannel", "SendChannel", "open_channel"]
+__all__ = [
+    "ChannelStatistics",
+    "HandleHolder",
+    "ReceiveChannel",
+    "SendChannel",
+    "connect_receive",
+    "connect_send",
+    "open_channel",
+]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -89,6 +98,21 @@ class ChannelStatistics(NamedTuple):
     the receiver that took it."""
 
 
+class HandleHolder(NamedTuple):
+    """A process holding handles to a channel: a row of :meth:`SendChannel.holders`."""
+
+    pid: int
+    """The process; 0 for a child being started whose pid is not known yet."""
+    send_handles: int
+    """Open send handles it holds."""
+    receive_handles: int
+    """Open receive handles it holds."""
+    reserved_by: int | None
+    """``None`` for a process that holds its handles; for handles passed to a child that
+    has not taken them yet (it is still starting), the pid of the process that passed
+    them."""
+
+
 class _Channel:
     """One process's view of a channel: the shared queue and this process's hubs."""
 
@@ -98,6 +122,12 @@ class _Channel:
         self.blocking = [0, 0]
         self.local_handles = 0
         _channels.add(self)
+        _by_uid[int(queue.segment.ctl[UID])] = self
+
+    @staticmethod
+    def lookup(uid: int) -> _Channel | None:
+        """This process's view of the channel whose segment has identity ``uid``."""
+        return _by_uid.get(uid)
 
     def reset_after_fork(self) -> None:
         for hub in self.hubs:
@@ -118,6 +148,9 @@ class _Channel:
 
 
 _channels: weakref.WeakSet[_Channel] = weakref.WeakSet()
+#: One view per channel and process: a handle unpickled or connected by name in a
+#: process that already maps the channel (or inherited it through fork) shares it.
+_by_uid: weakref.WeakValueDictionary[int, _Channel] = weakref.WeakValueDictionary()
 
 
 def _reset_channels_in_child() -> None:
@@ -141,6 +174,8 @@ class _Handle:
         self._entry = entry
         self._closed = False
         self._owned = owned
+        self._adopted = False  # pickled or unpickled outside a Process start: closed
+        # silently when collected (a pool's task arguments are beyond the user's reach)
         self._lost = False
         self._usable = owned
         self._ticks = 0
@@ -157,7 +192,8 @@ class _Handle:
         if self._lost:
             raise BrokenResourceError(
                 f"this {name} was handed to this process, but the reservation made for it "
-                "expired first (the parent died before this process started)"
+                "when it was pickled expired first: the process that pickled it exited "
+                "before this one unpickled it (or this pickle was unpickled once already)"
             )
         raise ClosedResourceError(
             f"this {name} was inherited through fork but not passed to this process: pass "
@@ -237,6 +273,8 @@ class _Handle:
     def __del__(self) -> None:
         if getattr(self, "_owned", False) and not self._closed:
             self._retire()  # first: the warning may be turned into an error
+            if self._adopted:
+                return  # the documented way for a task's handle to be closed
             warnings.warn(
                 f"unclosed {self!r}: close it, or use it as a context manager",
                 ResourceWarning,
@@ -274,6 +312,27 @@ class _Handle:
             dropped_messages=counters.dropped,
         )
 
+    def holders(self) -> list[HandleHolder]:
+        """Which processes hold handles to this channel, and how many of each side.
+
+        One row per process, this one included, ordered by pid; processes found dead
+        are swept out first. The answer to "why does my ``async for`` never end?": a row
+        with ``send_handles`` greater than 0 is a process keeping the stream open. It
+        works on any handle, open or closed, of the channel.
+        """
+        counts: dict[tuple[int, int | None], list[int]] = {}
+        for pid, sends, receives, reserved_by in self._queue.holders():
+            if sends or receives:
+                row = counts.setdefault((pid, reserved_by or None), [0, 0])
+                row[0] += sends
+                row[1] += receives
+        return [
+            HandleHolder(pid, sends, receives, reserved_by)
+            for (pid, reserved_by), (sends, receives) in sorted(
+                counts.items(), key=lambda item: (item[0][0], item[0][1] or 0)
+            )
+        ]
+
     def _block(self, attempt: Any, timeout: float | None) -> Any:
         blocking = self._channel.blocking
         blocking[self._side] += 1
@@ -285,7 +344,34 @@ class _Handle:
     # -------------------------------------------------------------- ownership
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self._channel, _ownership.reserve_for_spawn(self)))
+        if context.get_spawning_popen() is not None:  # an argument of Process
+            return (_rebuild, (type(self), self._channel, _ownership.reserve_for_spawn(self)))
+        kind = type(self).__name__
+        if not self._usable:
+            try:
+                if self._closed:
+                    raise _ownership.closed_handle_error(kind)
+                self._raise_unusable()
+            except (ClosedResourceError, BrokenResourceError) as error:
+                if _ownership.feeding_a_plain_queue():
+                    # That queue would print the error and drop the item, and its
+                    # reader would wait for ever: let the reader's get() raise it.
+                    return (_ownership.raise_on_arrival, (error.with_traceback(None),))
+                raise
+        # A pool or queue holds this object until it is done with it, beyond the user's
+        # reach: once it has been pickled, it is closed silently when collected.
+        self._adopted = True
+        queue = self._queue
+        try:
+            entry, nonce = queue.reserve((1, 0) if self._side == SEND else (0, 1), None)
+        except RuntimeError as exc:  # the process table is full
+            raise RuntimeError(
+                f"cannot pickle this {kind}: {exc}, counting handles pickled and not yet "
+                "unpickled. Submit tasks that carry handles in smaller batches"
+            ) from exc
+        passport = _ownership.export_segment(queue.segment, getattr(queue, "name", None))
+        _ownership.keep_until_claimed(queue, entry, nonce, self._channel)
+        return (_adopt, (type(self), passport, entry, nonce))
 
     def _reserve(self, popen: object) -> tuple[int, int] | None:
         if not self._usable:
@@ -322,6 +408,28 @@ def _rebuild(cls: type[_Handle], channel: _Channel, reservation: tuple[int, int]
     return handle
 
 
+def _adopt(cls: type[_Handle], passport: _ownership.Passport, entry: int, nonce: int) -> _Handle:
+    """Unpickle a handle pickled outside a ``Process`` start (see ``_ownership``)."""
+    channel = _Channel.lookup(passport.uid)
+    if channel is None:
+        try:
+            segment = _ownership.import_segment(passport, cls.__name__)
+        except PermissionError:
+            # /proc/<pid>/fd closed to us (a sandbox, say): a named channel is
+            # reachable by its name as well.
+            named = _names.open_existing(passport.name) if passport.name else None
+            if named is None or int(named.segment.ctl[UID]) != passport.uid:
+                raise
+            segment = named.segment
+        channel = _Channel(_names.queue_for(segment, passport.name))
+    handle = cls(channel, entry, owned=False)
+    handle._claim((entry, nonce))
+    if handle._owned:
+        handle._entry = _ownership.merge_into_mine(channel.queue, entry)
+    handle._adopted = True
+    return handle
+
+
 def _note_partial(exc: BaseException, sent: int) -> None:
     exc.aioshm_items_sent = sent  # type: ignore[attr-defined]
     exc.add_note(f"aioshm: {sent} item(s) of the batch were sent before this")
@@ -347,11 +455,17 @@ def items_sent(exc: BaseException) -> int:
 
 
 class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
-    """The sending end of a channel. Obtain one from :func:`open_channel`.
+    """The sending end of a channel. Obtain one from :func:`open_channel` or
+    :func:`connect_send`.
 
-    Pass it to other processes as an argument of ``multiprocessing.Process``: each child
-    it is passed to owns a handle of its own, and closes it when it exits. It is an
+    Pass it to other processes as an argument of ``multiprocessing.Process``, or in
+    anything else ``multiprocessing`` pickles (a pool's task, a ``Queue``, a ``Pipe``):
+    each process it is passed to owns a handle of its own, and closes it when it exits;
+    the one you passed stays yours to close. Pools and queues pickle later, on a thread
+    of their own: pass ``tx.clone()`` and close your own at once. It is an
     ``anyio.abc.ObjectSendStream``, and a context manager, sync or async, that closes it.
+
+    Pickling it raises ``ClosedResourceError`` if it is closed.
     """
 
     _side = SEND
@@ -399,8 +513,10 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         message = encode(item, self._limit)
         try:
             self._queue.try_put(self._entry, message)
+            return
         except WouldBlock:
-            await self._hub.retry(functools.partial(self._put, message), self)
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        await self._hub.retry(functools.partial(self._put, message), self)
 
     def send_blocking(self, item: T_contra, timeout: float | None = None) -> None:
         """Send ``item`` from code with no event loop, waiting up to ``timeout`` seconds.
@@ -439,10 +555,10 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
             while sent < len(batch):
                 try:
                     sent += self._put_many(batch, sent)
+                    continue
                 except WouldBlock:
-                    sent += await self._hub.retry(
-                        functools.partial(self._put_many, batch, sent), self
-                    )
+                    pass
+                sent += await self._hub.retry(functools.partial(self._put_many, batch, sent), self)
         except BaseException as exc:
             if sent:
                 _note_partial(exc, sent)
@@ -525,7 +641,8 @@ class _Loan:
             raise ValueError(
                 f"an array of shape {self._shape} and dtype {self._dtype} encodes to "
                 f"{self._length - HEADER_RESERVE} bytes, more than the channel's "
-                f"max_message_size of {limit} bytes"
+                f"max_message_size of {limit} bytes. "
+                f"{too_large_advice(self._length - HEADER_RESERVE)}"
             )
         self._timeout = timeout
         self._slot = -1
@@ -554,10 +671,10 @@ class _Loan:
         tx = self._tx
         await tx._tick()
         try:
-            slot = tx._claim_slot()
+            return self._open(tx._claim_slot())
         except WouldBlock:
-            slot = await tx._hub.retry(tx._claim_slot, tx)
-        return self._open(slot)
+            pass
+        return self._open(await tx._hub.retry(tx._claim_slot, tx))
 
     async def __aexit__(
         self,
@@ -584,12 +701,14 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
     ``async for item in rx`` receives until the stream ends: once every send handle, in
     every process, is closed and what they sent has been received. Pass it to other
-    processes as an argument of ``multiprocessing.Process``: each child it is passed to
-    owns a handle of its own. It is an ``anyio.abc.ObjectReceiveStream``, and a context
-    manager, sync or async, that closes it.
+    processes as :class:`SendChannel` says (each owns a handle of its own), or join by
+    name with :func:`connect_receive`. It is an ``anyio.abc.ObjectReceiveStream``, and a
+    context manager, sync or async, that closes it.
 
-    ``recv``, ``recv_nowait`` and ``receive_blocking`` are aliases of :meth:`receive`,
-    :meth:`receive_nowait` and :meth:`recv_blocking`.
+    ``receive``, ``receive_nowait`` and ``receive_blocking`` are aliases of
+    :meth:`recv`, :meth:`recv_nowait` and :meth:`recv_blocking`: ``receive`` is the
+    name that ``anyio.abc.ObjectReceiveStream`` requires, ``recv`` the one these docs
+    use.
     """
 
     _side = RECV
@@ -599,7 +718,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             self._raise_unusable()
         return self._queue.try_get(self._entry, decode)  # type: ignore[no-any-return]
 
-    def receive_nowait(self) -> T_co:
+    def recv_nowait(self) -> T_co:
         """Receive the oldest message if there is one, without waiting.
 
         :raises anyio.WouldBlock: nothing is buffered
@@ -611,13 +730,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         """
         return self._get()
 
-    recv_nowait = receive_nowait
-    """An alias of :meth:`receive_nowait`."""
+    receive_nowait = recv_nowait
 
-    async def receive(self) -> T_co:
+    async def recv(self) -> T_co:
         """Receive the oldest message, waiting for one if none is buffered.
 
-        Raises as :meth:`receive_nowait` does (but never ``WouldBlock``), including
+        Raises as :meth:`recv_nowait` does (but never ``WouldBlock``), including
         ``ClosedResourceError`` if this handle is closed while the call waits.
 
         Cancellation: the call is a cancel point, and so is the wait; if cancelled,
@@ -640,24 +758,23 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         try:
             return self._queue.try_get(self._entry, decode)  # type: ignore[no-any-return]
         except WouldBlock:
-            return await self._hub.retry(self._get, self)
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        return await self._hub.retry(self._get, self)
 
-    recv = receive
-    """An alias of :meth:`receive`."""
+    receive = recv
 
     def recv_blocking(self, timeout: float | None = None) -> T_co:
         """Receive from code with no event loop, waiting up to ``timeout`` seconds.
 
         :raises TimeoutError: nothing arrived in time (nothing was received)
 
-        Otherwise raises as :meth:`receive_nowait`, including ``ClosedResourceError``
+        Otherwise raises as :meth:`recv_nowait`, including ``ClosedResourceError``
         if another thread closes this handle while the call waits. Do not call it from
         an event loop's thread: it blocks the thread.
         """
         return self._block(self._get, timeout)  # type: ignore[no-any-return]
 
     receive_blocking = recv_blocking
-    """An alias of :meth:`recv_blocking`."""
 
     async def recv_many(self, max_items: int) -> list[T_co]:
         """Receive between 1 and ``max_items`` messages, in one locked round where they
@@ -665,11 +782,11 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
         :raises ValueError: ``max_items`` is less than 1
         :raises aioshm.MessageDropped: some messages of the batch could not be decoded
-            and were dropped (see :meth:`receive`); the others were received all the
+            and were dropped (see :meth:`recv`); the others were received all the
             same and are in its ``received`` list, in order: ``except MessageDropped as
             exc: items = exc.received``
 
-        Otherwise raises as :meth:`receive`: ``EndOfStream`` only when nothing at all is
+        Otherwise raises as :meth:`recv`: ``EndOfStream`` only when nothing at all is
         left to receive.
 
         Cancellation: if cancelled, nothing was received.
@@ -681,7 +798,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         try:
             return attempt()
         except WouldBlock:
-            return await self._hub.retry(attempt, self)
+            pass
+        return await self._hub.retry(attempt, self)
 
     def _get_many(self, max_items: int) -> list[T_co]:
         if not self._usable:
@@ -691,7 +809,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
     def recv_view(self) -> _View:
         """Receive an array message without copying it.
 
-        ``async with rx.recv_view() as arr:`` waits like :meth:`receive`, then yields a
+        ``async with rx.recv_view() as arr:`` waits like :meth:`recv`, then yields a
         read-only array onto the slot in shared memory; the slot is released when the
         block exits, however it exits. A bytes message comes as a 1-d ``uint8`` array.
 
@@ -702,17 +820,36 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         entered: if the block raises, it is not put back.
 
         :raises aioshm.MessageDropped: the message was corrupt; it is dropped (see
-            :meth:`receive`)
+            :meth:`recv`)
 
         :raises TypeError: the next message is a pickled object; it stays at the head of
-            the channel for :meth:`receive`
+            the channel for :meth:`recv`
 
-        Otherwise raises as :meth:`receive` (``EndOfStream`` once the stream has ended).
+        Otherwise raises as :meth:`recv` (``EndOfStream`` once the stream has ended).
 
         Cancellation: only entering is a cancellation point (the start, and the wait);
         if cancelled there, nothing was received.
         """
         return _View(self)
+
+    def views(self) -> _Views:
+        """Iterate over array messages without copying them:
+        ``async for frame in rx.views():``.
+
+        Each ``frame`` is what :meth:`recv_view` would give: a read-only array onto its
+        slot in shared memory. It is valid until the next iteration, which releases its
+        slot before waiting for the next message. The loop ends when the stream does.
+        Leaving the loop in any other way (``break``, an exception, a cancellation)
+        releases the last view's slot as the loop drops the iterator; if you keep a
+        reference to the iterator, call its ``close()`` to release it.
+
+        Raises as :meth:`recv_view`, except that the end of the stream ends the loop.
+
+        Cancellation: as :meth:`recv_view`'s: only the wait for the next message is a
+        cancellation point; if cancelled there, nothing was received, and the previous
+        view had already been released.
+        """
+        return _Views(self)
 
     async def recv_into(self, out: Array) -> Array:
         """Receive an array message into ``out`` and return ``out``.
@@ -721,15 +858,12 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         :raises TypeError: the next message is not an array or bytes
 
         Either way the message stays at the head of the channel. Otherwise raises as
-        :meth:`receive`.
+        :meth:`recv`.
 
         Cancellation: if cancelled, nothing was received.
         """
         await self._tick()
-        try:
-            slot, message = self._take()
-        except WouldBlock:
-            slot, message = await self._hub.retry(self._take, self)
+        slot, message = await self._take_waiting()
         try:
             copy_into(message, out)
         except CorruptMessage as exc:
@@ -745,6 +879,14 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             self._raise_unusable()
         return self._queue.take(self._entry)
 
+    async def _take_waiting(self) -> tuple[int, memoryview]:
+        """Take the next message's slot, waiting for one: the only cancellation point."""
+        try:
+            return self._take()
+        except WouldBlock:
+            pass  # wait outside the handler: nothing raised later chains to WouldBlock
+        return await self._hub.retry(self._take, self)
+
 
 class _View:
     """A received message held in its slot (see :meth:`ReceiveChannel.recv_view`)."""
@@ -756,10 +898,7 @@ class _View:
     async def __aenter__(self) -> Array:
         rx = self._rx
         await rx._tick()
-        try:
-            slot, message = rx._take()
-        except WouldBlock:
-            slot, message = await rx._hub.retry(rx._take, rx)
+        slot, message = await rx._take_waiting()
         try:
             array = view(message)
         except CorruptMessage as exc:
@@ -776,7 +915,47 @@ class _View:
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> None:
+        self._release()
+
+    def _release(self) -> None:
         self._rx._queue.release(self._slot)
+
+
+class _Views:
+    """``async for`` over views (see :meth:`ReceiveChannel.views`)."""
+
+    def __init__(self, rx: ReceiveChannel[Any]) -> None:
+        self._rx = rx
+        self._held: _View | None = None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Array:
+        self.close()
+        held = _View(self._rx)
+        try:
+            array = await held.__aenter__()
+        except EndOfStream:
+            raise StopAsyncIteration from None
+        self._held = held
+        return array
+
+    def close(self) -> None:
+        """Release the slot of the last view given. Idempotent."""
+        held, self._held = self._held, None
+        if held is not None:
+            held._release()
+
+    def __del__(self) -> None:
+        # The loop that iterated was left (break, exception, cancellation) and dropped
+        # this iterator: give the last view's slot back.
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            try:
+                held._release()
+            except Reentered:  # a finalizer inside this thread's critical section
+                self._rx._queue.defer(held._release)
 
 
 class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):
@@ -789,28 +968,87 @@ class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):
     :param max_message_size: the largest encoded message one slot holds, in bytes (for
         an array, its ``nbytes``; for bytes, their length). Each slot reserves 256 bytes
         more for the message's header.
-    :raises ValueError: a size is less than 1
+    :param name: if given, any process of this user on the machine can join the channel
+        by this name, with :func:`connect_send` and :func:`connect_receive`. The name
+        lives as long as some handle of the channel is open in a live process.
+    :param mode: who may join a named channel, as the permission bits of a file
+        (``0o600``: this user only; ``0o660``: this user's group too)
+    :raises ValueError: a size is less than 1, or the name is malformed (the message
+        says what a valid name is)
     :raises TypeError: a size is not an ``int``
-    :raises OSError: the platform is not Linux
+    :raises FileExistsError: a live channel already has that name
+    :raises OSError: the platform is not Linux, or the shared memory cannot be
+        reserved (``ENOMEM``: not enough memory, or a memory cgroup at its limit;
+        ``ENOSPC``: a full ``/dev/shm``, for a named channel; ``EFBIG``:
+        ``RLIMIT_FSIZE``); nothing is left behind
 
-    The channel maps about ``capacity * (max_message_size + 256)`` bytes of shared
-    memory when it is opened.
+    The channel maps and reserves about ``capacity * (max_message_size + 256)`` bytes
+    of shared memory when it is opened, so that no process can get ``SIGBUS`` touching
+    a slot later.
     """
 
     def __new__(  # type: ignore[misc]
-        cls, capacity: int = 16, max_message_size: int = 65536
+        cls,
+        capacity: int = 16,
+        max_message_size: int = 65536,
+        *,
+        name: str | None = None,
+        mode: int = 0o600,
     ) -> tuple[SendChannel[T], ReceiveChannel[T]]:
+        transport = None if name is None else _names.dispatch(name)
+        if transport is not None:
+            return transport(  # type: ignore[no-any-return]
+                "open", name, capacity=capacity, max_message_size=max_message_size, mode=mode
+            )
         sizes: list[int] = []
-        for name, value in (("capacity", capacity), ("max_message_size", max_message_size)):
+        for what, value in (("capacity", capacity), ("max_message_size", max_message_size)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+                raise TypeError(f"{what} must be an integer, not {type(value).__name__}")
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, not {value}")
+                raise ValueError(f"{what} must be at least 1, not {value}")
             sizes.append(int(value))
         capacity, max_message_size = sizes
         if not supported():
             raise OSError("aioshm needs Linux (robust process-shared mutexes)")
-        queue = SlotQueue.create(capacity, max_message_size)
+        queue: SlotQueue
+        if name is None:
+            queue = SlotQueue.create(capacity, max_message_size)
+            entry = queue.register((1, 1))
+        else:
+            queue, entry = _names.create_queue(name, capacity, max_message_size, mode)
         channel = _Channel(queue)
-        entry = queue.register((1, 1))
         return SendChannel[T](channel, entry), ReceiveChannel[T](channel, entry)
+
+
+def _connect(name: str, side: int, timeout: float) -> _Handle:
+    transport = _names.dispatch(name)
+    cls = SendChannel if side == SEND else ReceiveChannel
+    if transport is not None:
+        op = "send" if side == SEND else "receive"
+        return transport(op, name, timeout=timeout)  # type: ignore[no-any-return]
+    if not supported():
+        raise OSError("aioshm needs Linux (robust process-shared mutexes)")
+    queue, entry = _names.connect_queue(name, (1, 0) if side == SEND else (0, 1), timeout)
+    channel = _Channel.lookup(int(queue.segment.ctl[UID])) or _Channel(queue)
+    return cls(channel, _ownership.merge_into_mine(channel.queue, entry))
+
+
+def connect_send(name: str, timeout: float = 0) -> SendChannel[Any]:
+    """A new send handle of the channel named ``name``, owned by this process, as if it
+    had been passed in: close it when done.
+
+    :param timeout: how long to wait, in seconds, for the channel to be created (for a
+        producer that may start before the channel's creator). It blocks the calling
+        thread meanwhile; from async code with a timeout, call it through
+        ``anyio.to_thread.run_sync``.
+    :raises FileNotFoundError: no live channel has that name (within ``timeout``)
+    :raises PermissionError: the channel belongs to another user, whose ``mode`` does
+        not let this one join
+    :raises ValueError: the name is malformed
+    """
+    return cast(SendChannel[Any], _connect(name, SEND, timeout))
+
+
+def connect_receive(name: str, timeout: float = 0) -> ReceiveChannel[Any]:
+    """A new receive handle of the channel named ``name``; see :func:`connect_send`."""
+    return cast(ReceiveChannel[Any], _connect(name, RECV, timeout))

@@ -127,8 +127,16 @@ def _check_size(size: int, limit: int, what: str) -> None:
     if size > limit:
         raise ValueError(
             f"{what} encodes to {size} bytes, more than the channel's "
-            f"max_message_size of {limit} bytes; nothing was sent"
+            f"max_message_size of {limit} bytes; nothing was sent. {too_large_advice(size)}"
         )
+
+
+def too_large_advice(size: int) -> str:
+    """What to do about a message of ``size`` bytes that does not fit a slot."""
+    return (
+        f"Open the channel with open_channel(max_message_size={size}) or more (each slot "
+        "holds one message of up to that size), or send the data in smaller parts"
+    )
 
 
 # ---------------------------------------------------------------- array headers

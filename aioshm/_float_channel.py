@@ -65,7 +65,7 @@ class FloatChannel:
     async def recv(self) -> list[float]:
         """Receive the next list of floats, waiting for one.
 
-        Raises as :meth:`ReceiveChannel.receive`.
+        Raises as :meth:`ReceiveChannel.recv`.
 
         Cancellation: if cancelled, nothing was received.
         """

@@ -10,11 +10,17 @@
 * **The process table**: which processes hold handles, how many of each side, and the
   reservations a parent makes for a child it is starting.
 * **Liveness sweeps**: a process found dead (pid gone, zombie, or pid reused) has its
-  handles closed and whatever it held given back (:meth:`_reclaim_locked`).
+  handles closed and whatever it held given back (:meth:`_reclaim_locked`). A process
+  whose liveness cannot be told (no ``/proc``, ``hidepid``, a sandbox) counts as alive
+  (:func:`aioshm._procs.probe`). Sweeps are shared: at most one per
+  :data:`SWEEP_INTERVAL` for the whole object, by whichever process finds one due, so
+  their total cost grows with the number of processes, not with its square.
 * **Doorbells**: two semaphores, one per side, on which threads sleep when they cannot
   proceed. Capacity is never counted by these semaphores, only by fields under the mutex,
   so a process that dies at any instant cannot take a permit with it. A sleeper registers
-  under the mutex, together with its readiness check, so no wake-up can be missed.
+  under the mutex, together with its readiness check, so no wake-up can be missed. See
+  :meth:`SharedObject.wait` for the bookkeeping, and for how sleepers take turns to
+  watch for deaths while everyone sleeps.
 
 Everything here is synchronous and needs no event loop.
 """
@@ -22,13 +28,14 @@ Everything here is synchronous and needs no event loop.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from anyio import WouldBlock
 
@@ -42,16 +49,20 @@ from ._layout import (
     P_PID,
     P_RES_PID,
     P_RES_START,
+    P_SLEEP,
     P_START,
     PROC_FIELDS,
     SLEEPERS,
+    SWEEPS,
+    SWEPT_AT,
+    TIMED_OUT,
     Segment,
 )
 from ._posix import Reentered
 from ._posix import trylock as _trylock
 from ._posix import unlock as _unlock
 
-__all__ = ["INFINITE", "RANG", "RECV", "SEND", "SLICE", "SharedObject"]
+__all__ = ["INFINITE", "RANG", "RECV", "SEND", "SLICE", "SharedObject", "WaitCounters"]
 
 #: The two sides. A bell is named by the side it wakes.
 SEND: Final = 0
@@ -60,10 +71,20 @@ RECV: Final = 1
 INFINITE: Final = 1 << 40
 #: What :meth:`SharedObject.wait` returns when a bell woke it.
 RANG: Final = -1
-#: Longest single sleep on a bell; also the period of liveness sweeps by sleepers.
-SLICE: Final = 0.1
-#: Shortest interval between two liveness sweeps by one process.
-SWEEP_INTERVAL: Final = 0.1
+#: Shortest interval between two liveness sweeps of one object (by any process); also
+#: the shortest sleep on a bell before a sleeper wakes to see whether one is due.
+SWEEP_INTERVAL: Final = 0.3
+#: The sleepers of one object wake in turn, about one every ``SPACING`` seconds (see
+#: :meth:`SharedObject.wait`); so a dead peer is noticed within about
+#: ``SWEEP_INTERVAL + SPACING``, plus about ``SPACING`` for each sleeper next in turn
+#: that died with it.
+SPACING: Final = 0.07
+#: Longest single sleep on a bell.
+LONGEST_SLEEP: Final = 30.0
+#: Longest single sleep of a thread of ours that waits with no timeout (kept as a name
+#: for callers that bound their own waits by it).
+SLICE: Final = SWEEP_INTERVAL
+_SWEEP_NS: Final = int(SWEEP_INTERVAL * 1e9)
 
 R = TypeVar("R")
 #: "No argument" for :meth:`SharedObject.locked` (``None`` is an argument).
@@ -72,6 +93,18 @@ _NO_ARG: Final[Any] = object()
 _K_FREE = 0
 _K_ACTIVE = 1
 _K_RESERVED = 2
+
+
+class WaitCounters(NamedTuple):
+    """The shared wait and liveness bookkeeping of one object (all processes)."""
+
+    sleepers: tuple[int, int]
+    """Per side: threads registered on the bell and not yet returned, counted as
+    registrations plus posts not yet taken (dead processes' registrations removed)."""
+    sweeps: int
+    """Liveness sweeps done."""
+    timed_out: int
+    """Sleeps on a bell that ended by timeout rather than by a post."""
 
 
 class SharedObject:
@@ -90,7 +123,9 @@ class SharedObject:
     def _reset_local(self) -> None:
         """Process-local bookkeeping (reset in a forked child)."""
         self._pending: dict[int, tuple[int, weakref.ref[Any]]] = {}
-        self._next_sweep = 0.0
+        self._sleep_entry = -1  # where this process records its sleepers (a guess)
+        self._sleep_pid = 0  # ... and this process's pid, then
+        self._free_when_awake: set[int] = set()  # entries closed while a thread slept
         self._local = threading.Lock()
         #: Actions to run once a thread's critical section ends, by thread.
         self._deferred: dict[int, list[Callable[[], object]]] = {}
@@ -221,8 +256,9 @@ class SharedObject:
         self._procs[base + P_START] = started
         return entry
 
-    def reserve(self, opened: tuple[int, int], popen: object) -> tuple[int, int]:
-        """Reserve an entry for a child being started by ``popen``.
+    def reserve(self, opened: tuple[int, int], popen: object | None) -> tuple[int, int]:
+        """Reserve an entry for a child being started by ``popen`` (or, if ``None``, for
+        whichever process unpickles a handle pickled now).
 
         The child claims it with :meth:`claim_reservation`. Until then the entry lives as
         long as this process does, and once the child's pid is known, as long as the child.
@@ -239,8 +275,9 @@ class SharedObject:
             return entry
 
         entry = self.locked(reserve_locked)
-        with self._local:
-            self._pending[entry] = (nonce, weakref.ref(popen))
+        if popen is not None:  # otherwise this process vouches until it is claimed
+            with self._local:
+                self._pending[entry] = (nonce, weakref.ref(popen))
         return entry, nonce
 
     def claim_reservation(self, entry: int, nonce: int) -> bool:
@@ -282,7 +319,12 @@ class SharedObject:
             and procs[base + P_OPEN + 1] == 0
             and not self._holds_locked(entry)
         ):
-            self._free_entry_locked(entry)
+            if procs[base + P_SLEEP] or procs[base + P_SLEEP + 1]:
+                # A thread of ours still sleeps, recorded here: the entry goes when
+                # it returns, or with this process if it dies first.
+                self._free_when_awake.add(entry)
+            else:
+                self._free_entry_locked(entry)
         if self._ctl[OPEN + side] <= 0:
             self._ring_all_locked(1 - side)
 
@@ -292,23 +334,46 @@ class SharedObject:
         self._ctl[OPEN] -= procs[base + P_OPEN]
         self._ctl[OPEN + 1] -= procs[base + P_OPEN + 1]
         procs[base + P_OPEN] = procs[base + P_OPEN + 1] = 0
+        procs[base + P_SLEEP] = procs[base + P_SLEEP + 1] = 0
         procs[base + P_KIND] = _K_FREE
 
     def open_handles(self, side: int) -> int:
         """Open handles of ``side`` in all live processes (as last swept)."""
         return max(0, self._ctl[OPEN + side])
 
+    def holders(self) -> list[tuple[int, int, int, int]]:
+        """``(pid, send handles, receive handles, reserved by)`` for each entry of the
+        process table, after a sweep. ``pid`` is 0 for a child whose pid is not known yet;
+        ``reserved by`` is the pid of the process that passed handles to a child which
+        has not claimed them yet, else 0.
+        """
+        self.sweep(force=True)
+        return self.locked(self._holders_locked)
+
+    def _holders_locked(self) -> list[tuple[int, int, int, int]]:
+        procs = self._procs
+        rows = []
+        for entry in range(MAX_PROCS):
+            base = entry * PROC_FIELDS
+            kind = procs[base + P_KIND]
+            if kind == _K_FREE:
+                continue
+            reserved_by = procs[base + P_RES_PID] if kind == _K_RESERVED else 0
+            opened = procs[base + P_OPEN], procs[base + P_OPEN + 1]
+            rows.append((procs[base + P_PID], *opened, reserved_by))
+        return rows
+
     # ------------------------------------------------------------ liveness
 
     def sweep(self, force: bool = False) -> bool:
-        """Find processes that died and give back what they held. Rate-limited.
+        """Find processes that died and give back what they held.
 
-        Returns ``True`` if anything was reclaimed.
+        Rate-limited for the whole object: unless ``force``, nothing is done if any
+        process began a sweep less than :data:`SWEEP_INTERVAL` ago. A process whose
+        liveness is unknown counts as alive. Returns ``True`` if anything was reclaimed.
         """
-        now = time.monotonic()
-        if not force and now < self._next_sweep:
+        if not self.locked(self._start_sweep_locked, time.monotonic_ns(), force):
             return False
-        self._next_sweep = now + SWEEP_INTERVAL
         self._resolve_pending()
         procs = self._procs
         me = _procs.my_identity()[0]
@@ -337,10 +402,35 @@ class SharedObject:
                 pid,
                 nonce,
             ):
+                self._forget_sleepers_locked(entry)
                 self._reclaim_locked(entry)
                 self._free_entry_locked(entry)
         self._ring_all_locked(SEND)
         self._ring_all_locked(RECV)
+
+    def _forget_sleepers_locked(self, entry: int) -> None:
+        """Take a dead process's registrations off the bells: its registrations first,
+        then posts made for them that nobody took (posts already made stay for the live
+        sleepers, who are fungible: every sleeper of a side waits for the same thing)."""
+        ctl, procs = self._ctl, self._procs
+        base = entry * PROC_FIELDS
+        for side in (SEND, RECV):
+            count = procs[base + P_SLEEP + side]
+            procs[base + P_SLEEP + side] = 0
+            taken = min(count, max(ctl[SLEEPERS + side], 0))
+            ctl[SLEEPERS + side] -= taken
+            for _ in range(count - taken):
+                if not self._bells[side].try_wait():
+                    break
+
+    def _start_sweep_locked(self, now: int, force: bool) -> bool:
+        """Whether a sweep is due (always, if ``force``); if so, it begins now."""
+        ctl = self._ctl
+        if not force and now < ctl[SWEPT_AT] + _SWEEP_NS:
+            return False
+        ctl[SWEPT_AT] = now
+        ctl[SWEEPS] += 1
+        return True
 
     def _sweep_after_owner_died(self) -> None:
         # The dead holder released the mutex while exiting, and /proc may lag a little
@@ -357,7 +447,7 @@ class SharedObject:
 
     def maybe_sweep(self) -> bool:
         """A sweep if one is due (cheap when it is not); whether it gave anything back."""
-        return time.monotonic() >= self._next_sweep and self.sweep()
+        return time.monotonic_ns() >= self._ctl[SWEPT_AT] + _SWEEP_NS and self.sweep()
 
     def _resolve_pending(self) -> None:
         """Write the pids of children this process started into their reservations."""
@@ -423,7 +513,7 @@ class SharedObject:
     def ready(self, side: int) -> int:
         return self.locked(self._ready_locked, side)
 
-    def wait(self, side: int, timeout: float, reserved: int = 0) -> int:
+    def wait(self, side: int, timeout: float | None, reserved: int = 0) -> int:
         """Sleep until ``side`` may proceed, a bell rings, or ``timeout`` passes.
 
         Returns how many waiters of ``side`` may proceed beyond ``reserved`` (already
@@ -431,27 +521,123 @@ class SharedObject:
         checks again; a caller that cannot use a bell should :meth:`forward` it. It
         sleeps unless enough is ready to be worth waking for
         (:meth:`_worth_waking_locked`); after a timeout it counts whatever is ready.
+
+        **The bookkeeping.** ``SLEEPERS + side`` is a count, not a list: a sleeper adds
+        one under the mutex; a waker that finds it positive takes one off and posts the
+        bell once. So at every instant, the sleepers that registered and have not
+        returned number exactly ``SLEEPERS + side`` plus the bell's value (posts not
+        yet taken). Sleepers of one side are interchangeable, so it does not matter
+        which one takes a post: a sleeper that times out takes a registration off the
+        count if one is left, and otherwise the post that was made for it (or for
+        another: either way, one sleeper leaves and one token goes). No post is lost
+        and none is left over. Each process also records how many of its threads sleep
+        (``P_SLEEP`` in its process-table entry), so that the sweep that finds it dead
+        takes its registrations off again (:meth:`_forget_sleepers_locked`); without
+        that, a dead sleeper's registration would cost a spurious wake-up on every
+        later ring, for ever.
+
+        **Who watches.** While everyone sleeps, someone must wake now and then to sweep
+        for dead peers, but not everyone, or idle waiting costs ``N`` wake-ups per
+        period, each ``N`` processes long. The sleepers take turns: one that registers
+        while ``k`` others are registered (on either side) sleeps about ``(k + 1) *``
+        :data:`SPACING` (at least :data:`SWEEP_INTERVAL`, at most
+        :data:`LONGEST_SLEEP`, jittered by ±50% so that processes started together
+        drift apart), so about one sleeper wakes per ``SPACING``, whatever their number,
+        and whoever finds a sweep due does it (one per ``SWEEP_INTERVAL`` for the
+        object). A sleeper that dies leaves a gap in the turns until the sweep that
+        finds it.
         """
-        ready = self.locked(self._register_sleeper_locked, side, reserved)
+        ready, turn, entry = self.locked(self._register_sleeper_locked, side, reserved)
         if ready > 0:
             return ready
-        if self._bells[side].wait(timeout):
+        # Jittered (±50%), so that sleepers started together, perhaps to die together,
+        # do not keep waking together: the turns spread over the whole cycle.
+        limit = min(max(SWEEP_INTERVAL, turn * SPACING) * (0.5 + random.random()), LONGEST_SLEEP)
+        rang = self._bells[side].wait(limit if timeout is None else min(limit, timeout))
+        ready = self.locked(self._unregister_sleeper_locked, side, (reserved, rang), entry)
+        if rang:
             return RANG
-        return max(self.locked(self._unregister_sleeper_locked, side, reserved), 0)
-
-    def _register_sleeper_locked(self, side: int, reserved: int) -> int:
-        ready = self._worth_waking_locked(side) - reserved
-        if ready <= 0:
-            self._ctl[SLEEPERS + side] += 1
+        self.maybe_sweep()
         return ready
 
-    def _unregister_sleeper_locked(self, side: int, reserved: int) -> int:
+    def _register_sleeper_locked(self, side: int, reserved: int) -> tuple[int, int, int]:
+        """``(ready, turn, entry)``: a sleeper is registered only if nothing is ready."""
         ctl = self._ctl
-        if ctl[SLEEPERS + side] > 0:
-            ctl[SLEEPERS + side] -= 1
-        else:  # a waker took our registration: its post is ours to consume
-            self._bells[side].try_wait()
-        return self._ready_locked(side) - reserved
+        ready = self._worth_waking_locked(side) - reserved
+        if ready > 0:
+            return ready, 0, -1
+        turn = ctl[SLEEPERS + SEND] + ctl[SLEEPERS + RECV] + 1
+        ctl[SLEEPERS + side] += 1  # first the count, then the record (see above)
+        return ready, turn, self._record_sleeper_locked(side)
+
+    def _unregister_sleeper_locked(self, side: int, outcome: tuple[int, bool], entry: int) -> int:
+        reserved, rang = outcome
+        ready = 0
+        if not rang:
+            ctl = self._ctl
+            ctl[TIMED_OUT] += 1
+            if ctl[SLEEPERS + side] > 0:
+                ctl[SLEEPERS + side] -= 1
+            else:  # a waker took our registration: its post is ours to consume
+                self._bells[side].try_wait()
+            ready = max(self._ready_locked(side) - reserved, 0)
+        self._unrecord_sleeper_locked(side, entry)
+        return ready
+
+    def _record_sleeper_locked(self, side: int) -> int:
+        """Count a sleeper of this process in its entry; the entry, or -1 if it has none
+        (its registration then cannot be taken back if it dies asleep)."""
+        procs = self._procs
+        entry, pid = self._sleep_entry, self._sleep_pid
+        base = entry * PROC_FIELDS
+        if entry < 0 or procs[base + P_KIND] != _K_ACTIVE or procs[base + P_PID] != pid:
+            pid, started = _procs.my_identity()
+            entry = -1
+            for candidate in range(MAX_PROCS):
+                base = candidate * PROC_FIELDS
+                if (
+                    procs[base + P_PID] == pid
+                    and procs[base + P_KIND] == _K_ACTIVE
+                    and procs[base + P_START] == started
+                ):
+                    entry = candidate
+                    break
+            self._sleep_entry, self._sleep_pid = entry, pid
+            if entry < 0:
+                return -1
+        procs[base + P_SLEEP + side] += 1
+        return entry
+
+    def _unrecord_sleeper_locked(self, side: int, entry: int) -> None:
+        if entry < 0:
+            return
+        procs = self._procs
+        base = entry * PROC_FIELDS
+        if procs[base + P_PID] != self._sleep_pid or procs[base + P_SLEEP + side] <= 0:
+            return
+        procs[base + P_SLEEP + side] -= 1
+        if entry in self._free_when_awake and not (
+            procs[base + P_SLEEP] or procs[base + P_SLEEP + 1]
+        ):
+            self._free_when_awake.discard(entry)
+            if not (procs[base + P_OPEN] or procs[base + P_OPEN + 1] or self._holds_locked(entry)):
+                self._free_entry_locked(entry)
+
+    def wait_counters(self) -> WaitCounters:
+        """A snapshot of the shared wait and liveness bookkeeping (for tests and
+        diagnostics)."""
+        return self.locked(self._wait_counters_locked)
+
+    def _wait_counters_locked(self) -> WaitCounters:
+        ctl = self._ctl
+        return WaitCounters(
+            sleepers=(
+                ctl[SLEEPERS + SEND] + self._bells[SEND].value(),
+                ctl[SLEEPERS + RECV] + self._bells[RECV].value(),
+            ),
+            sweeps=ctl[SWEEPS],
+            timed_out=ctl[TIMED_OUT],
+        )
 
     def forward(self, side: int) -> None:
         """Pass on a wake-up this process cannot use to another sleeper, if any."""
@@ -473,13 +659,12 @@ class SharedObject:
             except WouldBlock:
                 pass
             if deadline is None:
-                self.wait(side, SLICE)
+                self.wait(side, None)
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"timed out after {timeout} s") from None
-                self.wait(side, min(SLICE, remaining))
-            self.maybe_sweep()
+                self.wait(side, remaining)
 
 
 class _CriticalSection:

@@ -30,7 +30,7 @@ blocking forms and the async wait bridge (layer 3) sleep on the doorbells in bet
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final, NamedTuple, NoReturn, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, NoReturn, Protocol, Self, TypeVar
 
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 
@@ -153,8 +153,8 @@ class SlotQueue(SharedObject):
         self._small = min(self._stride, LOCKED_COPY_LIMIT)
 
     @classmethod
-    def create(cls, capacity: int, max_message_size: int) -> SlotQueue:
-        queue = cls(Segment.create(capacity, max_message_size))
+    def create(cls, capacity: int, max_message_size: int, fd: int | None = None) -> Self:
+        queue = cls(Segment.create(capacity, max_message_size, fd))
         queue.locked(queue._init_locked)
         return queue
 

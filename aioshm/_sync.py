@@ -1,7 +1,8 @@
 """Locks, semaphores, events and conditions shared by processes.
 
-Each public object is a thin handle on a *state*: one shared segment (layer 1) driven as
-a :class:`~aioshm._shared.SharedObject` (layer 2). The state lives in the segment's free
+Each public object is a thin handle on a *state*: one shared segment (layer 1, a block
+of a shared arena: :mod:`aioshm._arena`) driven as a
+:class:`~aioshm._shared.SharedObject` (layer 2). The state lives in the segment's free
 control fields (17..31) and, for the semaphore and the condition, in its one payload
 slot; it changes only under the robust mutex. Waiting tasks sleep in the state's wait
 hub (layer 3), one thread per object per process, and blocking callers sleep on the
@@ -38,6 +39,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from anyio import CancelScope, WouldBlock, get_cancelled_exc_class
 from anyio.lowlevel import checkpoint
 
+from . import _arena
 from ._checkpoint import YIELD_EVERY, cancel_pending
 from ._layout import MAX_PROCS, Segment
 from ._posix import supported
@@ -641,13 +643,13 @@ class _LockBase:
 
     def __init__(self) -> None:
         _check_supported()
-        self._state = _LockState(Segment.create(0, 0), self._reentrant)
+        self._state = _LockState(_arena.allocate(0, 0), self._reentrant)
 
     @classmethod
     def _with_storage(cls, nbytes: int) -> _LockBase:
         """A lock whose segment also holds ``nbytes`` of storage (in payload slot 0)."""
         _check_supported()
-        return _rebuild_lock(cls, Segment.create(1, nbytes))
+        return _rebuild_lock(cls, _arena.allocate(1, nbytes))
 
     def __reduce__(self) -> tuple[Any, ...]:
         _check_spawning(self)
@@ -789,7 +791,8 @@ class Lock(_LockBase):
     Cancellation: a cancelled :meth:`acquire` did not acquire and left nothing behind;
     the other methods never wait.
 
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
 
@@ -843,7 +846,8 @@ class Semaphore:
 
     :raises ValueError: ``value`` is negative
     :raises TypeError: ``value`` is not an int
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     _bounded = False
@@ -854,7 +858,7 @@ class Semaphore:
         if value < 0:
             raise ValueError(f"a semaphore's initial value must be >= 0, not {value}")
         _check_supported()
-        self._state = _SemaphoreState(Segment.create(1, 8 * MAX_PROCS))
+        self._state = _SemaphoreState(_arena.allocate(1, 8 * MAX_PROCS))
         ctl = self._state.segment.ctl
         ctl[_S_VALUE] = ctl[_S_TOTAL] = ctl[_S_INITIAL] = value
         ctl[_S_BOUNDED] = int(self._bounded)
@@ -990,12 +994,13 @@ class Event:
     Cancellation: a cancelled :meth:`wait` leaves nothing behind; the other methods
     never wait.
 
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     def __init__(self) -> None:
         _check_supported()
-        self._state = _EventState(Segment.create(0, 0))
+        self._state = _EventState(_arena.allocate(0, 0))
 
     def __reduce__(self) -> tuple[Any, ...]:
         _check_spawning(self)
@@ -1107,7 +1112,8 @@ class Condition:
     Cancellation: see :meth:`wait`; :meth:`notify` and :meth:`notify_all` never wait.
 
     :raises TypeError: ``lock`` is not an aioshm ``Lock`` or ``RLock``
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     def __init__(self, lock: Lock | RLock | None = None) -> None:
@@ -1119,7 +1125,7 @@ class Condition:
             )
         _check_supported()
         size = 8 * (CONDITION_CAPACITY + 2 * MAX_PROCS)
-        self._state = _ConditionState(Segment.create(1, size))
+        self._state = _ConditionState(_arena.allocate(1, size))
         self._lock: Lock | RLock = lock
 
     def __reduce__(self) -> tuple[Any, ...]:

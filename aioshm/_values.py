@@ -3,7 +3,8 @@
 The storage is a ctypes object laid over the payload slot of a shared segment
 (``ctype.from_buffer``), so every process that maps the segment reads and writes the
 same bytes, and :meth:`RawArray.numpy` is a view of them, not a copy. With a lock (the
-default), the storage lives in the lock's own segment: one mapping per value.
+default), the storage lives in the lock's own segment, a block of a shared arena
+(:mod:`aioshm._arena`).
 
 Unlike ``multiprocessing``'s synchronized wrappers, reading or writing ``.value`` (or an
 item) does not take the lock: a lock that has to be awaited cannot be taken by a
@@ -20,6 +21,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from . import _arena
 from ._layout import Segment
 from ._posix import supported
 from ._sync import Lock, RLock, _check_spawning
@@ -63,7 +65,7 @@ def _ctype(typecode_or_type: str | type[Any]) -> Any:
 def _segment(nbytes: int) -> Segment:
     if not supported():
         raise OSError("aioshm needs Linux (robust process-shared mutexes)")
-    return Segment.create(1, nbytes)
+    return _arena.allocate(1, nbytes)
 
 
 def _storage_and_lock(nbytes: int, lock: object) -> tuple[Segment, Lock | RLock]:
@@ -147,7 +149,8 @@ class RawValue(_Storage):
 
     :raises ValueError: unknown typecode
     :raises TypeError: neither a typecode nor a ctypes type
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     def __init__(self, typecode_or_type: str | type[Any], *args: Any) -> None:
@@ -230,7 +233,8 @@ def Value(
     :raises ValueError: unknown typecode
     :raises TypeError: neither a typecode nor a ctypes type, or ``lock`` is not
         ``True``, ``False``, or an aioshm ``Lock``/``RLock``
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
 
     Nothing here waits, so nothing is a cancellation point.
     """
@@ -261,7 +265,8 @@ class RawArray(_Storage):
 
     :raises ValueError: unknown typecode, or a negative size
     :raises TypeError: neither a typecode nor a ctypes type
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     _length: int
@@ -394,7 +399,8 @@ def Array(
 
     :raises ValueError: unknown typecode, or a negative size
     :raises TypeError: neither a typecode nor a ctypes type, or a bad ``lock``
-    :raises OSError: the platform has no robust process-shared mutexes (not Linux)
+    :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
+        the shared memory for a new arena cannot be reserved (nothing is left behind)
 
     Nothing here waits, so nothing is a cancellation point.
     """

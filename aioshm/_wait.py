@@ -18,10 +18,16 @@ Cancellation is atomic: a waiting task holds nothing but its place in the queue.
 is cancelled (anyio scope, trio, or native ``asyncio`` ``Task.cancel()``) after being
 woken, it hands the wake-up on to the next waiting task, or rings the doorbell for
 another process, so that no wake-up is lost.
+
+If the hub's thread fails (an unexpected exception; nothing in aioshm raises one on
+purpose), no task is left waiting for it: every task queued in the hub gets a
+:class:`HubFailed` whose ``__cause__`` is the original, having done nothing, and the
+next wait starts a new thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -34,9 +40,9 @@ from anyio import WouldBlock
 from anyio.lowlevel import EventLoopToken, checkpoint, current_token
 
 from . import _procs
-from ._shared import RANG, SLICE, SharedObject
+from ._shared import RANG, SharedObject
 
-__all__ = ["Hub"]
+__all__ = ["Hub", "HubFailed"]
 
 T = TypeVar("T")
 
@@ -54,14 +60,23 @@ SPIN_WHILE_WAITS_UNDER = 4 * SPIN
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class HubFailed(RuntimeError):
+    """The thread that waits on a shared object's doorbell for this process failed.
+
+    The waiting operation did not happen; retrying it starts a new thread. The original
+    exception is the ``__cause__``.
+    """
+
+
 class _Waiter:
-    __slots__ = ("event", "tag", "token", "woken")
+    __slots__ = ("error", "event", "tag", "token", "woken")
 
     def __init__(self, token: EventLoopToken, event: anyio.Event, tag: object) -> None:
         self.token = token
         self.event = event
         self.tag = tag
         self.woken = False
+        self.error: BaseException | None = None
 
     def notify(self) -> bool:
         """Set the waiter's event from any thread; False if its event loop is gone."""
@@ -98,6 +113,8 @@ class Hub:
         ``tag`` identifies the caller for :meth:`wake_tagged` (a handle being closed).
         Cancellation: only the waits are cancellation points, and a cancelled wait
         leaves nothing behind. ``attempt`` must be non-blocking and do all or nothing.
+        Raises :class:`HubFailed` (having done nothing) if the hub's thread failed
+        while the task waited in it.
         """
         started = time.monotonic()
         if self._typical_wait < SPIN_WHILE_WAITS_UNDER and _procs.others_runnable() < CPUS:
@@ -112,16 +129,17 @@ class Hub:
                     break
                 self._waited(started)
                 return result
-        woken = False
+        woken = again = False
         try:
             while True:
-                await self._sleep(tag, front=woken)
+                await self._sleep(tag, front=again)
                 woken = True
                 try:
                     result = attempt()
                 except WouldBlock:
                     self._retried()
                     woken = False
+                    again = True  # lost a race: first in the queue next time
                     continue
                 self._waited(started)
                 return result
@@ -152,13 +170,18 @@ class Hub:
         except BaseException:
             self._withdraw(waiter)
             raise
+        if waiter.error is not None:
+            raise HubFailed(
+                f"aioshm's wait thread for this process failed: {waiter.error!r}"
+            ) from waiter.error
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """A waiter leaves without retrying; a wake-up it got goes to someone else."""
         successor = None
         with self._lock:
             if not waiter.woken:
-                self._waiters.remove(waiter)
+                if waiter.error is None:  # else the failed hub took it off already
+                    self._waiters.remove(waiter)
                 return
             while self._waiters:
                 successor = self._waiters.popleft()
@@ -210,6 +233,25 @@ class Hub:
                     count -= 1
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # handed to every waiting task
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The thread failed: fail every queued task, so that none waits for ever, and
+        let the next wait start a new thread."""
+        with self._lock:
+            if self._thread is threading.current_thread():
+                self._thread = None
+            failed, self._waiters = self._waiters, deque()
+            for waiter in failed:
+                waiter.error = exc
+                waiter.notify()
+        with contextlib.suppress(Exception):  # a wake-up it may have taken goes on
+            self._obj.forward(self._side)
+
+    def _serve(self) -> None:
         obj, side = self._obj, self._side
         ready = 0
         while True:
@@ -228,8 +270,7 @@ class Hub:
             if forward:  # a wake-up nobody here can use any more
                 obj.forward(side)
                 continue
-            ready = obj.wait(side, SLICE, reserved)
+            # Sleeps until rung or its turn to wake; a sleep that times out also sweeps.
+            ready = obj.wait(side, None, reserved)
             if ready > 0:
                 self._wake(ready)
-            else:
-                obj.maybe_sweep()

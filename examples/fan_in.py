@@ -29,7 +29,7 @@ def producer(tx: aioshm.SendChannel[tuple[int, int]], ident: int, messages: int)
             for seq in range(messages):
                 await tx.send((ident, seq))
 
-    asyncio.run(main())
+    aioshm.run_child(main)  # asyncio.run(main()), Ctrl-C left to the parent
 
 
 async def consume(rx: aioshm.ReceiveChannel[tuple[int, int]]) -> dict[int, int]:

@@ -1,7 +1,7 @@
 """A zero-copy video-frame pipeline: a producer process streams frames to an async consumer.
 
 The producer fills each frame *in place*, in a slot of shared memory
-(``tx.send_loan``); the consumer reads it where it lies (``rx.recv_view``) and checks
+(``tx.send_loan``); the consumer reads it where it lies (``rx.views()``) and checks
 every pixel. No frame is pickled or copied on the way. The consumer prints frames/s and
 GB/s.
 
@@ -17,7 +17,6 @@ import multiprocessing
 import sys
 import time
 
-import anyio
 import numpy as np
 
 import aioshm
@@ -33,7 +32,7 @@ def producer(tx: aioshm.SendChannel[np.ndarray], frames: int, shape: tuple[int, 
                     frame.fill(i % 256)  # stands in for decoding or rendering a frame
                 # leaving the block published the frame
 
-    asyncio.run(main())
+    aioshm.run_child(main)  # asyncio.run(main()), Ctrl-C left to the parent
     print(f"producer: sent {frames} frames", flush=True)
 
 
@@ -43,18 +42,16 @@ async def consume(rx: aioshm.ReceiveChannel[np.ndarray]) -> tuple[int, float]:
     received = 0
     started = 0.0
     async with rx:
-        while True:
-            try:
-                async with rx.recv_view() as frame:  # read-only, valid inside the block
-                    if received == 0:
-                        started = time.perf_counter()
-                    expected = received % 256
-                    # min and max read every byte of the frame, where it lies
-                    if not frame.min() == frame.max() == expected:
-                        raise RuntimeError(f"frame {received} is corrupt")
-                    received += 1
-            except anyio.EndOfStream:  # the producer closed its handle: every frame is in
-                break
+        # each frame is read-only and valid until the next iteration; the loop ends when
+        # the producer closes its handle: every frame is in
+        async for frame in rx.views():
+            if received == 0:
+                started = time.perf_counter()
+            expected = received % 256
+            # min and max read every byte of the frame, where it lies
+            if not frame.min() == frame.max() == expected:
+                raise RuntimeError(f"frame {received} is corrupt")
+            received += 1
     return received, time.perf_counter() - started
 
 

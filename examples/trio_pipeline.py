@@ -35,7 +35,9 @@ def worker(
                 handled += 1
         return handled
 
-    handled = trio.run(work)
+    # trio.run(work), with SIGINT ignored: on Ctrl-C the parent stops the source, and
+    # this worker ends with the jobs stream instead of printing a traceback of its own
+    handled = aioshm.run_child(work, backend="trio")
     # One write per line, newline included, so that the workers' lines never interleave.
     print(f"worker {ident}: {handled} jobs\n", end="", flush=True)
 

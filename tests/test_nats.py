@@ -63,7 +63,7 @@ def channel_url(server: LocalServer, query: str = "") -> str:
 
 @pytest.mark.anyio
 async def test_round_trip_of_every_kind(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=8)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
     items: list[Any] = [
         1,
         "two",
@@ -89,7 +89,7 @@ async def test_round_trip_of_every_kind(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_eight_mib_array(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=2, max_message_size=8 << 20)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=2, max_message_size=8 << 20)
     array = np.random.default_rng(1).random(1 << 20)
     async with tx, rx:
         await tx.send(array)
@@ -102,7 +102,7 @@ async def test_eight_mib_array(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_end_of_stream_after_the_buffered_messages(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    tx, rx = aioshm.open_channel(name=channel_url(server))
     tx2 = tx.clone()
     await tx.send(1)
     tx.close()
@@ -116,7 +116,7 @@ async def test_end_of_stream_after_the_buffered_messages(server: LocalServer) ->
 
 @pytest.mark.anyio
 async def test_broken_when_every_receiver_is_gone(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    tx, rx = aioshm.open_channel(name=channel_url(server))
     rx2 = rx.clone()
     rx.close()
     with tx:
@@ -128,7 +128,7 @@ async def test_broken_when_every_receiver_is_gone(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_waiting_sender_breaks_when_the_last_receiver_closes(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=1)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
     with tx:
         await tx.send(1)
         async with anyio.create_task_group() as tg:
@@ -145,7 +145,7 @@ async def test_waiting_sender_breaks_when_the_last_receiver_closes(server: Local
 
 @pytest.mark.anyio
 async def test_bounded_send_waits_and_never_drops(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=3)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=3)
     async with tx, rx:
         for i in range(3):
             await tx.send(i)
@@ -168,7 +168,7 @@ async def test_bounded_send_waits_and_never_drops(server: LocalServer) -> None:
 
 
 def test_blocking_forms_and_nowait(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=1)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
     with tx, rx:
         with pytest.raises(WouldBlock):
             tx.send_nowait(1)
@@ -186,7 +186,7 @@ def test_blocking_forms_and_nowait(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_many(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=32)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=32)
     async with tx, rx:
         await tx.send_many(range(20))
         got: list[int] = []
@@ -199,7 +199,7 @@ async def test_many(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_shared_memory_only_methods_say_so(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    tx, rx = aioshm.open_channel(name=channel_url(server))
     with tx, rx:
         with pytest.raises(TypeError, match="shared-memory"):
             tx.send_loan(4)
@@ -211,7 +211,7 @@ async def test_shared_memory_only_methods_say_so(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_closed_handles(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    tx, rx = aioshm.open_channel(name=channel_url(server))
     tx2 = tx.clone()
     tx.close()
     tx.close()
@@ -235,7 +235,7 @@ async def test_closed_handles(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_cancelled_send_sent_nothing(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=1)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
     async with tx, rx:
         await tx.send("first")
         with anyio.move_on_after(0.3) as scope:
@@ -248,7 +248,7 @@ async def test_cancelled_send_sent_nothing(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_cancelled_receive_took_nothing(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=64)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=64)
     async with tx, rx:
         with anyio.move_on_after(0.2):
             await rx.recv()
@@ -274,7 +274,7 @@ async def test_cancelled_receive_took_nothing(server: LocalServer) -> None:
 
 
 def test_native_asyncio_cancellation(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=1)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
 
     async def main() -> None:
         recv = asyncio.ensure_future(rx.recv())
@@ -325,7 +325,7 @@ def test_handles_passed_to_processes_are_owned_there(
     """Producer and consumer processes: every message once, in order per producer at
     every consumer; the parent closes its handles at once."""
     ctx = multiprocessing.get_context(method)
-    tx, rx = aioshm.nats.open_channel(channel_url(server), capacity=16)
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=16)
     out = ctx.Queue()
     count = 60
     procs = [
@@ -352,7 +352,7 @@ def test_handles_passed_to_processes_are_owned_there(
 
 
 def test_pickled_handle_is_owned_where_unpickled(server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server))
+    tx, rx = aioshm.open_channel(name=channel_url(server))
     data = pickle.dumps(tx)
     tx.close()
     tx2 = pickle.loads(data)  # as another process, on any machine, would
@@ -366,7 +366,7 @@ def test_pickled_handle_is_owned_where_unpickled(server: LocalServer) -> None:
 
 def test_dead_sender_ends_the_stream_within_the_heartbeat(server: LocalServer) -> None:
     url = channel_url(server, "heartbeat=2")
-    tx, rx = aioshm.nats.open_channel(url)
+    tx, rx = aioshm.open_channel(name=url)
     ctx = multiprocessing.get_context("forkserver")
     ready = ctx.Event()
     child = ctx.Process(target=nats_workers.hold_given_sender, args=(tx, ready))
@@ -388,7 +388,7 @@ def test_dead_sender_ends_the_stream_within_the_heartbeat(server: LocalServer) -
 
 def test_dead_receiver_message_is_delivered_again(server: LocalServer) -> None:
     url = channel_url(server, "ack_wait=1&prefetch=4&heartbeat=2")
-    tx, rx = aioshm.nats.open_channel(url, capacity=16)
+    tx, rx = aioshm.open_channel(name=url, capacity=16)
     with tx:
         for i in range(10):
             tx.send_blocking(i, 10)
@@ -420,7 +420,7 @@ def _recv_or_none(rx: aioshm.nats.ReceiveChannel[Any]) -> Any:
 
 
 def test_restarted_server_keeps_file_backed_messages(own_server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(own_server, "heartbeat=30"), capacity=8)
+    tx, rx = aioshm.open_channel(name=channel_url(own_server, "heartbeat=30"), capacity=8)
     with tx, rx:
         for i in range(3):
             tx.send_blocking(i, 10)
@@ -431,7 +431,7 @@ def test_restarted_server_keeps_file_backed_messages(own_server: LocalServer) ->
 
 
 def test_send_waits_while_no_server_is_reachable(own_server: LocalServer) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(own_server, "heartbeat=30"), capacity=8)
+    tx, rx = aioshm.open_channel(name=channel_url(own_server, "heartbeat=30"), capacity=8)
     with tx, rx:
         own_server.kill()
 
@@ -496,15 +496,15 @@ def test_missing_channel(server: LocalServer) -> None:
 
 def test_existing_channel_with_other_sizes(server: LocalServer) -> None:
     url = channel_url(server)
-    tx, rx = aioshm.nats.open_channel(url, capacity=4)
+    tx, rx = aioshm.open_channel(name=url, capacity=4)
     with tx, rx, pytest.raises(ValueError, match="capacity=4"):
-        aioshm.nats.open_channel(url, capacity=5)
+        aioshm.open_channel(name=url, capacity=5)
 
 
 def test_server_without_jetstream(tmp_path: Path) -> None:
     with LocalServer(tmp_path, jetstream=False) as plain:
         with pytest.raises(OSError, match="JetStream"):
-            aioshm.nats.open_channel(channel_url(plain))
+            aioshm.open_channel(name=channel_url(plain))
         with pytest.raises(OSError, match="JetStream"):
             aioshm.nats.connect_send(channel_url(plain))
 
@@ -634,7 +634,7 @@ def test_tls(tmp_path: Path) -> None:
 def test_sender_that_closes_and_exits_ends_the_stream_at_once(server: LocalServer) -> None:
     """A closed handle counts out when it closes, not when its heartbeat expires (30 s
     here), even if its process exits right after."""
-    tx, rx = aioshm.nats.open_channel(channel_url(server, "heartbeat=30"))
+    tx, rx = aioshm.open_channel(name=channel_url(server, "heartbeat=30"))
     child = multiprocessing.get_context("fork").Process(
         target=nats_workers.produce, args=(tx, 0, 3, "asyncio")
     )
@@ -654,7 +654,7 @@ def test_closing_receiver_gives_back_what_it_pulled_ahead(server: LocalServer) -
     """Messages pulled ahead by a receiver that closes and exits go to the others at
     once, not after ack_wait (30 s here)."""
     url = channel_url(server, "ack_wait=30&prefetch=4")
-    tx, rx = aioshm.nats.open_channel(url, capacity=16)
+    tx, rx = aioshm.open_channel(name=url, capacity=16)
     with tx:
         for i in range(10):
             tx.send_blocking(i, 10)
@@ -674,7 +674,7 @@ def test_closing_receiver_gives_back_what_it_pulled_ahead(server: LocalServer) -
 def test_dead_receiver_process_breaks_the_channel_within_the_heartbeat(
     server: LocalServer,
 ) -> None:
-    tx, rx = aioshm.nats.open_channel(channel_url(server, "heartbeat=2"), capacity=10_000)
+    tx, rx = aioshm.open_channel(name=channel_url(server, "heartbeat=2"), capacity=10_000)
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
     child = ctx.Process(target=nats_workers.hold_receiver, args=(rx, ready))
@@ -713,3 +713,17 @@ def test_server_dies_with_its_owner_even_when_killed() -> None:
             break
         assert time.monotonic() < deadline, "the server outlived its killed owner"
         time.sleep(0.02)
+
+
+def test_one_dispatch_for_every_name(server: LocalServer) -> None:
+    """aioshm's own entry points take NATS URLs; an unknown scheme names the known."""
+    with pytest.raises(ValueError, match=r"unknown scheme 'http'.*nats://"):
+        aioshm.open_channel(name="http://127.0.0.1:1/x")
+    url = channel_url(server)
+    tx, rx = aioshm.open_channel(name=url)
+    assert isinstance(tx, aioshm.nats.SendChannel)
+    with tx, rx, aioshm.connect_send(url) as tx2, aioshm.connect_receive(url) as rx2:
+        tx2.send_blocking("via connect_send", 10)
+        assert rx2.recv_blocking(10) == "via connect_send"
+    with pytest.raises(FileNotFoundError):
+        aioshm.connect_receive(channel_url(server), timeout=0.2)

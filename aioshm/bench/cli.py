@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"kill a measurement after this long (default {TIMEOUT:g}, "
         f"{QUICK_TIMEOUT:g} with --quick)",
     )
+    parser.add_argument(
+        "--idle",
+        action="store_true",
+        help="instead, measure the CPU that processes idle in recv cost (4, 16 and 64 of "
+        "them, 10 s each; python -m aioshm.bench.idle --help for more)",
+    )
     return parser
 
 
@@ -85,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
+    if args.idle:
+        from .idle import main as idle
+
+        return idle([])
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else DEFAULT_ROUNDS)
     if rounds < 1:
         _parser().error("--rounds must be at least 1")

@@ -13,6 +13,7 @@ binary for local servers).
 from __future__ import annotations
 
 import numbers
+import time
 from typing import Any, TypeVar
 
 from ._handles import ReceiveChannel, SendChannel
@@ -31,6 +32,7 @@ __all__ = [
     "is_network",
     "open_channel",
     "parse",
+    "transport",
 ]
 
 T = TypeVar("T")
@@ -129,3 +131,33 @@ def connect_receive(
     opts = _options(options)
     link = get_link(address, opts, connect_timeout=_check_timeout(connect_timeout))
     return _new(ReceiveChannel, link, address, opts)  # type: ignore[no-any-return]
+
+
+def transport(op: str, name: str, **kwargs: Any) -> Any:
+    """Serve ``aioshm.open_channel(name=URL)`` (``op="open"``), ``aioshm.connect_send``
+    (``"send"``) and ``aioshm.connect_receive`` (``"receive"``) for ``nats://`` and
+    ``tls://`` names: aioshm's one dispatch (``aioshm._names``) calls it.
+
+    ``mode`` (shared memory's file permissions) must be left at its default: a NATS
+    server has its own accounts. ``timeout`` of the connect calls waits, as for shared
+    memory, for the channel to be created.
+    """
+    if op == "open":
+        mode = kwargs.pop("mode", 0o600)
+        if mode != 0o600:
+            raise ValueError(
+                "mode sets a shared-memory channel's file permissions; a NATS channel's "
+                "access is set by the server's accounts (user:password@ in the URL, or "
+                "credentials=)"
+            )
+        return open_channel(name, **kwargs)
+    timeout = float(kwargs.pop("timeout", 0) or 0)
+    connect = connect_send if op == "send" else connect_receive
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return connect(name, **kwargs)
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)

@@ -45,10 +45,25 @@ _SHARED_MEMORY_ONLY = (
 )
 
 
+class _NoPending:
+    """What aioshm's ownership keeper asks of a handle's shared object (``_queue``): a
+    network channel has no reservations to resolve to child pids; its reservations live
+    on the server, claimed or expired."""
+
+    _pending = False
+
+    def _resolve_pending(self) -> None:
+        return None
+
+
+_NO_PENDING = _NoPending()
+
+
 class _Handle:
     """What send and receive handles share: ownership, closing, statistics."""
 
     _side = ""
+    _queue: Any = _NO_PENDING
 
     def __init__(
         self, link: Link, address: Address, options: dict[str, Any], subject: str | None

@@ -1,0 +1,217 @@
+"""``python -m aioshm`` (or ``aioshm``): this user's named channels, for operators.
+
+::
+
+    aioshm [list] [--json]          every named channel of this user, one line each
+    aioshm show NAME [--json]       one channel, with each holder's pid and handles
+    aioshm remove NAME [--force]    reclaim a stale channel; --force retires a live one
+
+Listing and showing change nothing: they read the channel's tables under its mutex and
+ask the kernel whether each holder is alive. A channel is *stale* when no holder is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import _names, _procs
+from ._layout import (
+    MAX_PROCS,
+    P_KIND,
+    P_OPEN,
+    P_PID,
+    P_RES_PID,
+    P_RES_START,
+    P_START,
+    PROC_FIELDS,
+)
+from ._shared import _K_ACTIVE, _K_FREE, RECV, SEND
+
+__all__ = ["describe", "main"]
+
+
+def describe(queue: _names.NamedQueue) -> dict[str, Any]:
+    """A snapshot of a named channel, as plain data (what ``show --json`` prints)."""
+    procs = queue._procs
+    holders: list[dict[str, Any]] = []
+    counters = queue.counters()
+
+    def read_locked() -> bool:
+        for entry in range(MAX_PROCS):
+            base = entry * PROC_FIELDS
+            kind = procs[base + P_KIND]
+            if kind == _K_FREE:
+                continue
+            holders.append(
+                {
+                    "pid": procs[base + P_PID],
+                    "started": procs[base + P_START],
+                    "pending": kind != _K_ACTIVE,
+                    "vouched_by": procs[base + P_RES_PID],
+                    "vouched_started": procs[base + P_RES_START],
+                    "senders": procs[base + P_OPEN + SEND],
+                    "receivers": procs[base + P_OPEN + RECV],
+                }
+            )
+        return queue.retired
+
+    retired = queue.locked(read_locked)
+    for holder in holders:
+        pid, started = holder.pop("pid"), holder.pop("started")
+        vouched, vouched_started = holder.pop("vouched_by"), holder.pop("vouched_started")
+        if pid == 0:  # pickled, or a child being started: its pickler or parent vouches
+            holder["pid"], holder["pickled_by"] = None, vouched
+            holder["alive"] = _procs.is_alive(vouched, vouched_started)
+        else:
+            holder["pid"] = pid
+            holder["alive"] = _procs.is_alive(pid, started)
+    live = [h for h in holders if h["alive"]]
+    return {
+        "name": queue.name,
+        "kind": "channel",
+        "capacity": queue.capacity,
+        "max_message_size": queue.max_message_size,
+        "buffered": counters.buffered,
+        "slots_in_use": counters.writing + counters.reading,
+        "senders": sum(h["senders"] for h in live),
+        "receivers": sum(h["receivers"] for h in live),
+        "sender_pids": sorted({h["pid"] or h["pickled_by"] for h in live if h["senders"]}),
+        "receiver_pids": sorted({h["pid"] or h["pickled_by"] for h in live if h["receivers"]}),
+        "stale": retired or not live,
+        "holders": holders,
+    }
+
+
+def _describe_name(name: str) -> dict[str, Any] | None:
+    queue = _names.open_existing(name)
+    return None if queue is None else describe(queue)
+
+
+def _pids(pids: Sequence[int]) -> str:
+    return ",".join(map(str, pids)) or "-"
+
+
+_COLUMNS = (
+    ("NAME", "name"),
+    ("KIND", "kind"),
+    ("CAPACITY", "capacity"),
+    ("MSG SIZE", "max_message_size"),
+    ("BUFFERED", "buffered"),
+    ("IN USE", "slots_in_use"),
+    ("SENDERS", "senders"),
+    ("RECEIVERS", "receivers"),
+    ("STATE", "state"),
+)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cells = [[title for title, _ in _COLUMNS]]
+    for row in rows:
+        shown = dict(row)
+        shown["senders"] = f"{row['senders']} ({_pids(row['sender_pids'])})"
+        shown["receivers"] = f"{row['receivers']} ({_pids(row['receiver_pids'])})"
+        shown["state"] = "stale" if row["stale"] else "live"
+        cells.append([str(shown[key]) for _, key in _COLUMNS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    )
+
+
+def _show(info: dict[str, Any]) -> str:
+    lines = [
+        f"name:             {info['name']}",
+        f"kind:             {info['kind']}",
+        f"state:            {'stale (every holder is dead)' if info['stale'] else 'live'}",
+        f"capacity:         {info['capacity']} slots",
+        f"max message size: {info['max_message_size']} bytes",
+        f"buffered:         {info['buffered']} messages",
+        f"slots in use:     {info['slots_in_use']} (loans, views, large copies)",
+        f"senders:          {info['senders']} (pids {_pids(info['sender_pids'])})",
+        f"receivers:        {info['receivers']} (pids {_pids(info['receiver_pids'])})",
+        "holders:",
+    ]
+    for h in info["holders"]:
+        who = f"pid {h['pid']}" if h["pid"] else f"pickled by pid {h['pickled_by']}"
+        state = "alive" if h["alive"] else "dead"
+        lines.append(f"  {who}: {h['senders']} send, {h['receivers']} receive ({state})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="aioshm", description="List, show and remove this user's named aioshm channels."
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    commands = parser.add_subparsers(dest="command")
+    listing = commands.add_parser("list", help="every named channel of this user (default)")
+    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    show = commands.add_parser("show", help="one channel, with its holders")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    remove = commands.add_parser(
+        "remove", help="reclaim a stale channel (a live one only with --force)"
+    )
+    remove.add_argument("name")
+    remove.add_argument(
+        "--force",
+        action="store_true",
+        help="retire a live channel too: its senders get BrokenResourceError, its "
+        "receivers what is buffered, then EndOfStream",
+    )
+    remove.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    out = sys.stdout
+
+    if args.command in (None, "list"):
+        rows = [info for name in _names.listing() if (info := _safe(name)) is not None]
+        out.write((json.dumps(rows, indent=2) if args.json else _table(rows)) + "\n")
+        return 0
+    try:
+        _names.dispatch(args.name)
+    except (TypeError, ValueError) as exc:
+        print(f"aioshm: {exc}", file=sys.stderr)
+        return 2
+    info = _describe_name(args.name)
+    if info is None:
+        print(f"aioshm: no channel named {args.name!r}", file=sys.stderr)
+        return 1
+    if args.command == "show":
+        out.write((json.dumps(info, indent=2) if args.json else _show(info)) + "\n")
+        return 0
+    # remove
+    if not info["stale"] and not args.force:
+        print(
+            f"aioshm: {args.name!r} is live (senders: pids {_pids(info['sender_pids'])}; "
+            f"receivers: pids {_pids(info['receiver_pids'])}); use --force to retire it",
+            file=sys.stderr,
+        )
+        return 1
+    queue = _names.open_existing(args.name)
+    removed = False
+    if queue is not None:
+        if info["stale"]:
+            queue.sweep(force=True)  # frees every dead holder, which removes the name
+            removed = queue.remove_name() or not _names.open_existing(args.name)
+        else:
+            queue.force_retire()
+            removed = True
+    result = {"name": args.name, "removed": removed, "was_stale": info["stale"]}
+    out.write((json.dumps(result) if args.json else f"removed {args.name}") + "\n")
+    return 0
+
+
+def _safe(name: str) -> dict[str, Any] | None:
+    try:
+        return _describe_name(name)
+    except (OSError, ValueError):  # removed meanwhile, or not a channel
+        return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
