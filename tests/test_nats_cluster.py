@@ -22,8 +22,15 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture
 def cluster() -> Iterator[LocalCluster]:
-    nodes = LocalCluster(3)
-    nodes.start()
+    for attempt in range(3):  # a free port can be taken by another process meanwhile
+        nodes = LocalCluster(3)
+        try:
+            nodes.start()
+            break
+        except RuntimeError:
+            nodes.close()
+            if attempt == 2:
+                raise
     yield nodes
     close_links()
     nodes.close()
