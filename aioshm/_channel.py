@@ -321,11 +321,11 @@ class _Handle:
         works on any handle, open or closed, of the channel.
         """
         counts: dict[tuple[int, int | None], list[int]] = {}
-        for pid, sends, receives, reserved_by in self._queue.holders():
-            if sends or receives:
-                row = counts.setdefault((pid, reserved_by or None), [0, 0])
-                row[0] += sends
-                row[1] += receives
+        for holder in self._queue.table():
+            if holder.sends or holder.receives:
+                row = counts.setdefault((holder.pid, holder.reserved_by or None), [0, 0])
+                row[0] += holder.sends
+                row[1] += holder.receives
         return [
             HandleHolder(pid, sends, receives, reserved_by)
             for (pid, reserved_by), (sends, receives) in sorted(

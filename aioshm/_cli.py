@@ -19,56 +19,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _names, _procs
-from ._layout import (
-    MAX_PROCS,
-    P_KIND,
-    P_OPEN,
-    P_PID,
-    P_RES_PID,
-    P_RES_START,
-    P_START,
-    PROC_FIELDS,
-)
-from ._shared import _K_ACTIVE, _K_FREE, RECV, SEND
 
 __all__ = ["describe", "main"]
 
 
 def describe(queue: _names.NamedQueue) -> dict[str, Any]:
     """A snapshot of a named channel, as plain data (what ``show --json`` prints)."""
-    procs = queue._procs
-    holders: list[dict[str, Any]] = []
     counters = queue.counters()
-
-    def read_locked() -> bool:
-        for entry in range(MAX_PROCS):
-            base = entry * PROC_FIELDS
-            kind = procs[base + P_KIND]
-            if kind == _K_FREE:
-                continue
-            holders.append(
-                {
-                    "pid": procs[base + P_PID],
-                    "started": procs[base + P_START],
-                    "pending": kind != _K_ACTIVE,
-                    "vouched_by": procs[base + P_RES_PID],
-                    "vouched_started": procs[base + P_RES_START],
-                    "senders": procs[base + P_OPEN + SEND],
-                    "receivers": procs[base + P_OPEN + RECV],
-                }
-            )
-        return queue.retired
-
-    retired = queue.locked(read_locked)
-    for holder in holders:
-        pid, started = holder.pop("pid"), holder.pop("started")
-        vouched, vouched_started = holder.pop("vouched_by"), holder.pop("vouched_started")
-        if pid == 0:  # pickled, or a child being started: its pickler or parent vouches
-            holder["pid"], holder["pickled_by"] = None, vouched
-            holder["alive"] = _procs.is_alive(vouched, vouched_started)
+    retired = queue.retired
+    holders: list[dict[str, Any]] = []
+    for row in queue.table(sweep=False):
+        holder: dict[str, Any] = {"pending": bool(row.reserved_by)}
+        if row.pid == 0:  # pickled, or a child being started: its pickler or parent vouches
+            holder["pid"], holder["pickled_by"] = None, row.vouched_by
+            holder["alive"] = _procs.is_alive(row.vouched_by, row.vouched_started)
         else:
-            holder["pid"] = pid
-            holder["alive"] = _procs.is_alive(pid, started)
+            holder["pid"] = row.pid
+            holder["alive"] = _procs.is_alive(row.pid, row.started)
+        holder["senders"], holder["receivers"] = row.sends, row.receives
+        holders.append(holder)
     live = [h for h in holders if h["alive"]]
     return {
         "name": queue.name,

@@ -34,7 +34,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
 
 from anyio import WouldBlock
@@ -93,6 +92,26 @@ _NO_ARG: Final[Any] = object()
 _K_FREE = 0
 _K_ACTIVE = 1
 _K_RESERVED = 2
+
+
+class TableRow(NamedTuple):
+    """One entry of a shared object's process table (see :meth:`SharedObject.table`)."""
+
+    pid: int
+    """The holder; 0 for a child whose pid is not known yet, or a handle pickled and not
+    yet unpickled."""
+    started: int
+    """The holder's start time (see :mod:`aioshm._procs`)."""
+    reserved_by: int
+    """The process that passed (or pickled) handles which were not claimed yet, else 0."""
+    vouched_by: int
+    """Who vouches for the entry while its pid is not known: the reserving process."""
+    vouched_started: int
+    """That process's start time."""
+    sends: int
+    """Send handles the entry holds."""
+    receives: int
+    """Receive handles the entry holds."""
 
 
 class WaitCounters(NamedTuple):
@@ -179,27 +198,10 @@ class SharedObject:
             self._run_deferred()
         return value
 
-    def critical(self) -> _CriticalSection:
-        """``with obj.critical():`` the same critical section as :meth:`locked`.
-
-        Prefer :meth:`locked`: a ``with`` block's ``__exit__`` is a Python function, and
-        an asynchronous exception delivered on entering it, after a block that completed,
-        would leave the mutex held. :meth:`locked` has no such instant.
-        """
-        return _CriticalSection(self)
-
     def _lock_contended(self, result: int) -> None:
         if self._mutex.acquire_contended(result):  # the previous holder died mid-way
             self._repair_locked()
             self.defer(self._sweep_after_owner_died)  # find out who, after
-
-    def _recover(self) -> None:
-        """After an exception inside a critical section: repair and release, if held."""
-        try:
-            if self._mutex.seize():
-                self._repair_locked()
-        finally:
-            _unlock(self._mptr)
 
     def defer(self, action: Callable[[], object]) -> None:
         """Run ``action`` after the current critical section of this thread ends.
@@ -341,16 +343,14 @@ class SharedObject:
         """Open handles of ``side`` in all live processes (as last swept)."""
         return max(0, self._ctl[OPEN + side])
 
-    def holders(self) -> list[tuple[int, int, int, int]]:
-        """``(pid, send handles, receive handles, reserved by)`` for each entry of the
-        process table, after a sweep. ``pid`` is 0 for a child whose pid is not known yet;
-        ``reserved by`` is the pid of the process that passed handles to a child which
-        has not claimed them yet, else 0.
-        """
-        self.sweep(force=True)
-        return self.locked(self._holders_locked)
+    def table(self, sweep: bool = True) -> list[TableRow]:
+        """The entries of the process table in use (after a sweep, unless ``sweep`` is
+        false: a caller that wants to see dead holders as well)."""
+        if sweep:
+            self.sweep(force=True)
+        return self.locked(self._table_locked)
 
-    def _holders_locked(self) -> list[tuple[int, int, int, int]]:
+    def _table_locked(self) -> list[TableRow]:
         procs = self._procs
         rows = []
         for entry in range(MAX_PROCS):
@@ -358,9 +358,17 @@ class SharedObject:
             kind = procs[base + P_KIND]
             if kind == _K_FREE:
                 continue
-            reserved_by = procs[base + P_RES_PID] if kind == _K_RESERVED else 0
-            opened = procs[base + P_OPEN], procs[base + P_OPEN + 1]
-            rows.append((procs[base + P_PID], *opened, reserved_by))
+            rows.append(
+                TableRow(
+                    procs[base + P_PID],
+                    procs[base + P_START],
+                    procs[base + P_RES_PID] if kind == _K_RESERVED else 0,
+                    procs[base + P_RES_PID],
+                    procs[base + P_RES_START],
+                    procs[base + P_OPEN],
+                    procs[base + P_OPEN + 1],
+                )
+            )
         return rows
 
     # ------------------------------------------------------------ liveness
@@ -665,41 +673,6 @@ class SharedObject:
                 if remaining <= 0:
                     raise TimeoutError(f"timed out after {timeout} s") from None
                 self.wait(side, remaining)
-
-
-class _CriticalSection:
-    """``with obj.critical():`` (see :meth:`SharedObject.critical`)."""
-
-    __slots__ = ("_obj",)
-
-    def __init__(self, obj: SharedObject) -> None:
-        self._obj = obj
-
-    def __enter__(self) -> None:
-        obj = self._obj
-        try:
-            result = _trylock(obj._mptr)
-            if result:
-                obj._lock_contended(result)
-        except Reentered:
-            raise
-        except BaseException:
-            obj._recover()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        obj = self._obj
-        if exc_type is not None:
-            obj._recover()
-            return
-        _unlock(obj._mptr)
-        if obj._deferred:
-            obj._run_deferred()
 
 
 _live_objects: weakref.WeakSet[SharedObject] = weakref.WeakSet()

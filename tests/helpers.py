@@ -29,6 +29,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10, what: str = "
     return time.monotonic() - start
 
 
+def shared_sleepers(obj: Any, side: str = "send") -> int:
+    """Threads of every process registered asleep on the doorbell of a channel (side
+    ``"send"`` or ``"recv"``) or of a lock, semaphore or condition (one side), read from
+    the shared control block: a test can tell that a task or thread, here or in another
+    process, really sleeps in its wait, not merely that it is about to."""
+    from aioshm._layout import SLEEPERS
+    from aioshm._shared import RECV, SEND
+
+    shared = obj._queue if hasattr(obj, "_queue") else obj._state
+    return int(shared._ctl[SLEEPERS + {"send": SEND, "recv": RECV}[side]])
+
+
 def mutex_held(obj: Any) -> bool:
     """Whether anyone (another process, or the calling thread) holds ``obj``'s mutex,
     probed with a trylock from a fresh thread."""

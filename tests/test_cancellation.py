@@ -18,6 +18,9 @@ import anyio
 import pytest
 
 import aioshm
+from aioshm._shared import RECV
+
+from .helpers import shared_sleepers, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,14 +28,16 @@ ROUNDS = 60
 
 
 async def blocked(rx_or_tx: Any, *, receiving: bool) -> None:
-    """Wait until a task of this process is asleep on the channel."""
+    """Wait until a task of this process is queued in the hub, and the hub's thread is
+    registered asleep on the channel's doorbell (the shared sleeper count)."""
+    side = "recv" if receiving else "send"
     with anyio.fail_after(10):
         while True:
             stats = rx_or_tx.statistics()
-            if (stats.tasks_waiting_receive if receiving else stats.tasks_waiting_send) > 0:
+            waiting = stats.tasks_waiting_receive if receiving else stats.tasks_waiting_send
+            if waiting > 0 and shared_sleepers(rx_or_tx, side) > 0:
                 break
             await anyio.sleep(0.001)
-    await anyio.sleep(0.002)  # past the spins: asleep in the hub
 
 
 # ---------------------------------------------------------------- anyio and trio
@@ -41,9 +46,10 @@ async def blocked(rx_or_tx: Any, *, receiving: bool) -> None:
 @pytest.mark.anyio
 async def test_cancelled_recv_holds_nothing_anyio() -> None:
     """The issue's example: cancel a blocked recv, then send_nowait("last"), close the
-    sender and recv_nowait() at once: it returns "last" every time."""
+    sender and recv_nowait() at once: it returns "last" every time (and with two
+    messages sent, both, in order: nothing was taken from the head or the tail)."""
     for _ in range(ROUNDS):
-        tx, rx = aioshm.open_channel[str](capacity=1, max_message_size=64)
+        tx, rx = aioshm.open_channel[str](capacity=2, max_message_size=64)
         async with anyio.create_task_group() as tg:
             scope = anyio.CancelScope()
 
@@ -55,9 +61,12 @@ async def test_cancelled_recv_holds_nothing_anyio() -> None:
             tg.start_soon(receiver)
             await blocked(rx, receiving=True)
             scope.cancel()
+        tx.send_nowait("first")
         tx.send_nowait("last")
         tx.close()
-        assert rx.recv_nowait() == "last"
+        assert [rx.recv_nowait(), rx.recv_nowait()] == ["first", "last"]
+        with pytest.raises(anyio.EndOfStream):
+            rx.recv_nowait()
         rx.close()
 
 
@@ -155,7 +164,9 @@ async def test_woken_then_cancelled_waiter_passes_the_wakeup_on() -> None:
                 while rx.statistics().tasks_waiting_receive < 4:
                     await anyio.sleep(0.001)
             tx.send_nowait("one")
-            time.sleep(0.05)  # block the loop: the hub wakes the oldest waiter meanwhile...
+            # Block the loop until the hub has woken the oldest waiter...
+            hub = rx._channel.hubs[RECV]
+            wait_until(lambda: hub._woken == 1, what="the hub to wake a waiter")
             first.cancel()  # ...which is cancelled before it can run
             with anyio.fail_after(5):
                 while not got:
@@ -189,16 +200,23 @@ async def test_closing_a_handle_wakes_its_blocked_tasks() -> None:
         tx.send_nowait("for the clone")  # other handles are unaffected
         assert await rx_other.recv() == "for the clone"
     tx.send_nowait("fills")
+    woke_at: list[float] = []
     async with anyio.create_task_group() as tg:
 
         async def send() -> None:
             with pytest.raises(anyio.ClosedResourceError):
                 await tx.send("blocked")
+            woke_at.append(time.monotonic())
 
         tg.start_soon(send)
         await blocked(tx, receiving=False)
-        with anyio.fail_after(0.5):
-            tx.close()
+        closed_at = time.monotonic()
+        tx.close()
+        with anyio.fail_after(10):
+            while not woke_at:
+                await anyio.sleep(0.001)
+    # The blocked sender was woken and raised within 0.5 s of the close.
+    assert woke_at[0] - closed_at < 0.5
     rx_other.close()
 
 
@@ -207,15 +225,16 @@ async def test_closing_a_handle_wakes_its_blocked_tasks() -> None:
 
 async def _native_rounds(cancel: Callable[[asyncio.Task[Any]], Awaitable[None]]) -> None:
     for _ in range(ROUNDS):
-        tx, rx = aioshm.open_channel[str](capacity=1, max_message_size=64)
+        tx, rx = aioshm.open_channel[str](capacity=2, max_message_size=64)
         task = asyncio.create_task(rx.recv())
         await blocked(rx, receiving=True)
         await cancel(task)
         with pytest.raises(asyncio.CancelledError):
             await task
+        tx.send_nowait("first")
         tx.send_nowait("last")
         tx.close()
-        assert rx.recv_nowait() == "last"
+        assert [rx.recv_nowait(), rx.recv_nowait()] == ["first", "last"]
         assert rx.statistics().tasks_waiting_receive == 0
         rx.close()
 
@@ -241,15 +260,16 @@ async def test_native_second_cancel_while_handling_the_first() -> None:
 @pytest.mark.asyncio
 async def test_native_timeout_and_wait_for() -> None:
     for _ in range(ROUNDS):
-        tx, rx = aioshm.open_channel[str](capacity=1, max_message_size=64)
+        tx, rx = aioshm.open_channel[str](capacity=2, max_message_size=64)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.003):
                 await rx.recv()
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(rx.recv(), 0.003)
+        tx.send_nowait("first")
         tx.send_nowait("last")
         tx.close()
-        assert rx.recv_nowait() == "last"
+        assert [rx.recv_nowait(), rx.recv_nowait()] == ["first", "last"]
         rx.close()
 
 

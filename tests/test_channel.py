@@ -13,6 +13,8 @@ import pytest
 
 import aioshm
 
+from .helpers import shared_sleepers
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -322,7 +324,9 @@ async def test_sender_asleep_below_the_low_water_mark_still_gets_in() -> None:
         with anyio.fail_after(10):
             while tx.statistics().tasks_waiting_send == 0:
                 await anyio.sleep(0.005)
-        await anyio.sleep(0.05)  # asleep in the hub
+        with anyio.fail_after(10):  # asleep on the doorbell
+            while shared_sleepers(tx, "send") == 0:
+                await anyio.sleep(0.005)
         assert rx.recv_nowait() == 0  # one slot: below the low-water mark
         with anyio.fail_after(1):
             while tx.statistics().tasks_waiting_send:

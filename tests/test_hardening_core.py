@@ -155,9 +155,11 @@ def test_deferred_actions_run_in_the_thread_that_deferred_them() -> None:
     def second() -> None:
         ran.append(("second", threading.get_ident()))
 
-    with queue.critical():
+    def body() -> None:
         queue.defer(first)
         queue.defer(second)
+
+    queue.locked(body)
     me = threading.get_ident()
     assert ran == [("first", me), ("second", me)]
     tx.close()
@@ -259,8 +261,8 @@ def test_a_nested_critical_section_fails_and_the_outer_one_releases() -> None:
     with pytest.raises(_posix.Reentered):
         queue.locked(queue.ready, RECV)  # a finalizer's call inside a critical section
     assert not mutex_held(queue)
-    with pytest.raises(_posix.Reentered), queue.critical():
-        queue.ready(RECV)
+    with pytest.raises(_posix.Reentered):
+        queue.locked(lambda: queue.ready(RECV))
     assert not mutex_held(queue)
 
 

@@ -35,7 +35,7 @@ import aioshm
 from aioshm import _sync
 
 from . import primitive_workers as workers
-from .helpers import join_all, wait_until
+from .helpers import join_all, shared_sleepers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -423,7 +423,7 @@ async def test_cancelled_while_taking_the_lock_back_passes_the_notification_on()
     await cond.acquire()
     cond.notify(1)  # to "first"
     await until(lambda: cond.statistics().granted == 0)  # "first" took it...
-    await asyncio.sleep(0.05)  # ...and now waits for the lock
+    await until(lambda: cond.lock.statistics().tasks_waiting == 1)  # ...and waits for the lock
     first.cancel()
     await asyncio.sleep(0.01)
     first.cancel()  # a second cancellation while it takes the lock back
@@ -710,7 +710,7 @@ def test_lock_of_a_killed_holder_is_freed_within_a_second(ctx: Ctx, anyio_backen
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter)
             await until(lambda: lock.statistics().tasks_waiting == 1)
-            await anyio.sleep(0.05)  # let it settle into its wait
+            await until(lambda: shared_sleepers(lock) == 1)  # asleep on the lock's doorbell
             killed_at = kill(child)
             with anyio.fail_after(10):
                 await got_it.wait()
@@ -744,7 +744,7 @@ def test_rlock_of_a_killed_holder_is_freed_for_a_blocked_thread(ctx: Ctx) -> Non
     thread = threading.Thread(target=waiter)
     thread.start()
     wait_until(lambda: rlock.statistics().tasks_waiting == 1)
-    time.sleep(0.05)
+    wait_until(lambda: shared_sleepers(rlock) == 1)  # asleep on the lock's doorbell
     killed_at = kill(child)
     thread.join(15)
     assert result and result[0] - killed_at < DEADLINE
@@ -799,7 +799,11 @@ def test_semaphore_permits_of_a_killed_process(ctx: Ctx) -> None:
             with anyio.fail_after(10):
                 await got_it.wait()
             elapsed = time.monotonic() - killed_at
-        await anyio.sleep(0.3)  # time for any (wrong) return of the consumed permit
+        # Both children dead and reaped, and a sweep forced: any (wrong) return of
+        # the consumed permit has happened by now.
+        for child in children:
+            child.join(10)
+        assert sem._state.sweep(force=True) is False  # nothing left to reclaim
         return elapsed
 
     assert anyio.run(main) < DEADLINE

@@ -14,7 +14,7 @@ import pytest
 import aioshm
 
 from . import workers
-from .helpers import join_all
+from .helpers import join_all, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,6 +72,7 @@ def test_consumer_and_producers_parent_closes_both(
         assert [i for q, i in got if q == p] == list(range(400))  # each producer in order
 
 
+@pytest.mark.slow
 def test_mpmc_exactly_once(ctx: multiprocessing.context.BaseContext) -> None:
     """4 producer processes x 4 consumer processes x 10,000 messages: every message is
     received exactly once, and each producer's messages arrive in its own order."""
@@ -142,17 +143,23 @@ def _use_inherited_then_wait(flag: aioshm.SendChannel[Any]) -> None:
 
 
 def test_passed_handle_is_owned_under_fork() -> None:
-    """The same handle passed as an argument is the child's own and keeps the stream
-    open after the parent closes its copy."""
+    """The same handle passed as an argument is the child's own: the child can send
+    with it (its claim succeeded; a parent's reservation alone would count as open,
+    but leave the child's handle unusable), and it keeps the stream open after the
+    parent closes its copy, until the child dies."""
     ctx = multiprocessing.get_context("fork")
     tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=64)
-    child = ctx.Process(target=workers.hold_forever, args=(tx,))
+    child = ctx.Process(target=workers.send_then_hold, args=(tx, "sent by the child"))
     child.start()
     tx.close()
+    assert rx.recv_blocking(timeout=30) == "sent by the child"
     with pytest.raises(anyio.WouldBlock):  # the child's copy is open: no end of stream
         rx.recv_nowait()
     assert rx.statistics().open_send_streams == 1
     child.kill()
+    wait_until(lambda: rx.statistics().open_send_streams == 0, what="the child's death")
+    with pytest.raises(anyio.EndOfStream):
+        rx.recv_nowait()
     child.join(10)
     rx.close()
 

@@ -18,6 +18,7 @@ PRODUCERS = CONSUMERS = 4
 PER_PRODUCER = 25_000  # 100,000 messages in all
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_random_timeouts_exactly_once(backend: str) -> None:

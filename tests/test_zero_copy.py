@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import random
+import time
 from typing import Any
 
 import anyio
@@ -82,10 +84,12 @@ async def test_recv_view_releases_on_exception_and_cancellation() -> None:
 async def test_recv_view_of_a_pickle_leaves_it_for_recv() -> None:
     tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=4096)
     await tx.send({"not": "an array"})
+    await tx.send("behind it")
     with pytest.raises(TypeError, match="pickled"):
         async with rx.recv_view():
             pass
-    assert await rx.recv() == {"not": "an array"}
+    assert await rx.recv() == {"not": "an array"}  # still at the head
+    assert await rx.recv() == "behind it"
     assert intact(rx)
     tx.close()
     rx.close()
@@ -103,17 +107,21 @@ async def test_recv_into() -> None:
     assert await rx.recv_into(out) is out
     assert np.array_equal(out, sent)
     await tx.send(sent.astype(np.int64))
+    await tx.send("behind it")
     with pytest.raises(ValueError, match="does not fit"):
         await rx.recv_into(out)
     with pytest.raises(ValueError, match="does not fit"):
         await rx.recv_into(np.empty((4, 3), np.int64))
     got = np.empty((3, 4), np.int64)
-    await rx.recv_into(got)  # the message was still there
+    await rx.recv_into(got)  # the message was still there, at the head
     assert np.array_equal(got, sent)
+    assert await rx.recv() == "behind it"
     await tx.send(["pickled"])
+    await tx.send("behind it")
     with pytest.raises(TypeError):
         await rx.recv_into(out)
     assert await rx.recv() == ["pickled"]
+    assert await rx.recv() == "behind it"
     assert intact(rx)
     tx.close()
     rx.close()
@@ -195,13 +203,55 @@ async def test_cancelled_batches_report_or_did_not_happen() -> None:
             await tx.send_many(range(10, 20))
     assert aioshm.items_sent(caught.value) == 4
     assert await rx.recv_many(10) == [10, 11, 12, 13]
-    # recv_many cancelled while waiting took nothing.
-    with anyio.move_on_after(0.05):
+    # recv_many cancelled while waiting took nothing, and holds nothing afterwards.
+    with anyio.move_on_after(0.05) as scope:
         await rx.recv_many(10)
-    await tx.send(99)
-    assert rx.recv_nowait() == 99
+    assert scope.cancelled_caught
+    assert rx.statistics().tasks_waiting_receive == 0
+    await tx.send_many([97, 98, 99])
+    assert await rx.recv_many(10) == [97, 98, 99]
     tx.close()
     rx.close()
+
+
+@pytest.mark.anyio
+async def test_recv_many_racing_a_cancellation_takes_all_or_nothing() -> None:
+    """Messages arrive as a blocked ``recv_many`` is cancelled: either the call returned
+    them (a prefix of what was sent, in order), or it raised and every one of them is
+    still in the channel, at the head; never some taken and lost."""
+    rng = random.Random(4)
+    tx, rx = aioshm.open_channel[int](capacity=8, max_message_size=64)
+    outcomes = {"received": 0, "cancelled": 0}
+    for i in range(150):
+        batch = [10 * i + k for k in range(3)]
+        got: list[int] = []
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+
+            async def receiver() -> None:
+                with scope:
+                    got.extend(await rx.recv_many(10))
+
+            tg.start_soon(receiver)
+            await anyio.sleep(rng.choice((0, 0, 0.0005, 0.002)))
+            tx.send_nowait(batch[0])
+            tx.send_nowait(batch[1])
+            for _ in range(rng.randrange(3)):
+                await anyio.lowlevel.checkpoint()
+            tx.send_nowait(batch[2])
+            scope.cancel()
+        outcomes["received" if got else "cancelled"] += 1
+        left = []
+        while True:
+            try:
+                left.append(rx.recv_nowait())
+            except anyio.WouldBlock:
+                break
+        assert got + left == batch, (got, left)
+    assert rx.statistics().tasks_waiting_receive == 0
+    tx.close()
+    rx.close()
+    assert outcomes["received"] and outcomes["cancelled"], outcomes
 
 
 # ---------------------------------------------------------------- send_loan
@@ -276,9 +326,20 @@ async def test_held_loan_holds_up_no_one() -> None:
 async def test_loan_errors_and_bounds() -> None:
     tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=1024)
     await tx.send(1)
-    await tx.send(2)  # full: an oversize loan must fail at once, not wait
-    with anyio.fail_after(1), pytest.raises(ValueError, match="max_message_size of 1024"):
-        tx.send_loan(129, np.float64)
+    await tx.send(2)  # full: an oversize loan must fail at once, not wait for a slot
+    with pytest.raises(ValueError, match="max_message_size of 1024"):
+        tx.send_loan(129, np.float64)  # the call itself raises
+    started = time.monotonic()
+    with anyio.fail_after(10), pytest.raises(ValueError, match="max_message_size of 1024"):
+        async with tx.send_loan(129, np.float64):
+            raise AssertionError("an oversize loan was granted")
+    with (
+        pytest.raises(ValueError, match="max_message_size of 1024"),
+        tx.send_loan_blocking(129, np.float64, timeout=10),
+    ):
+        raise AssertionError("an oversize loan was granted")
+    assert time.monotonic() - started < 1  # neither waited for a slot to free up
+    assert tx.statistics().tasks_waiting_send == 0
     with pytest.raises(TypeError):
         tx.send_loan(4, object)
     assert rx.recv_nowait() == 1

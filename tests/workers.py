@@ -25,6 +25,33 @@ def produce(tx: aioshm.SendChannel[Any], producer: int, count: int, backend: str
     anyio.run(main, backend=backend)
 
 
+def produce_after(
+    go: Any, tx: aioshm.SendChannel[Any], producer: int, count: int, backend: str
+) -> None:
+    """Wait for the event ``go``, then :func:`produce`."""
+    if not go.wait(60):
+        raise SystemExit(3)
+    produce(tx, producer, count, backend)
+
+
+def produce_counted(
+    tx: aioshm.SendChannel[Any], producer: int, progress: Any, backend: str
+) -> None:
+    """Send ``(producer, i)`` for ever, counting in the shared ``progress`` the sends
+    started (``progress[0]``) and the sends that returned (``progress[1]``)."""
+
+    async def main() -> None:
+        async with tx:
+            i = 0
+            while True:
+                progress[0] = i + 1
+                await tx.send((producer, i))
+                progress[1] = i + 1
+                i += 1
+
+    anyio.run(main, backend=backend)
+
+
 def produce_arrays(tx: aioshm.SendChannel[Any], producer: int, count: int, backend: str) -> None:
     async def main() -> None:
         async with tx:
@@ -64,6 +91,12 @@ def hold_forever(*handles: Any) -> None:
     time.sleep(3600)
 
 
+def send_then_hold(tx: aioshm.SendChannel[Any], message: Any) -> None:
+    """Send ``message`` with a handle passed to this process, then hold it until killed."""
+    tx.send_blocking(message, timeout=10)
+    time.sleep(3600)
+
+
 def use_inherited(flag: aioshm.SendChannel[Any], inherited: aioshm.SendChannel[Any]) -> None:
     """Report how using an inherited (not passed) handle fails."""
     try:
@@ -89,11 +122,13 @@ def block_in_send(tx: aioshm.SendChannel[Any], ready: aioshm.SendChannel[Any]) -
     """Fill the channel, signal, then block in send until killed."""
 
     async def main() -> None:
+        i = 0
         while True:
             try:
-                tx.send_nowait("filler")
+                tx.send_nowait(f"filler {i}")
             except anyio.WouldBlock:
                 break
+            i += 1
         await ready.send("ready")
         await tx.send("blocked")
 
@@ -195,10 +230,41 @@ def loop_ends_with_blocked_tasks(
         tx.send_nowait("fills the slot")
         tasks = [asyncio.create_task(rx.recv()) for _ in range(5)]
         tasks += [asyncio.create_task(tx.send("blocked")) for _ in range(5)]
-        await asyncio.sleep(0.3)  # everyone asleep in the hubs
+        while True:  # until everyone is asleep in the hubs
+            recv_stats, send_stats = rx.statistics(), tx.statistics()
+            if (recv_stats.tasks_waiting_receive, send_stats.tasks_waiting_send) == (5, 5):
+                break
+            await asyncio.sleep(0.001)
         assert not any(task.done() for task in tasks)
         # returning ends the loop: asyncio.run cancels the blocked tasks
 
     asyncio.run(main())
     report.send_blocking(time.monotonic(), timeout=10)
     report.close()
+
+
+def die_copying_in(tx: aioshm.SendChannel[Any], ready: aioshm.SendChannel[Any], size: int) -> None:
+    """Send a large message, but stop in the middle of copying it into its slot (done
+    with the mutex free): signal, and wait to be killed there."""
+    from aioshm import _codec
+
+    def stuck(self: Any, slot: memoryview) -> None:
+        slot[self.start : self.start + 64] = b"\xee" * 64  # half-written
+        ready.send_blocking("ready", timeout=10)
+        time.sleep(3600)
+
+    _codec.Encoded.write = stuck  # type: ignore[method-assign]
+    tx.send_blocking(np.zeros(size // 8), timeout=10)
+
+
+def die_copying_out(rx: aioshm.ReceiveChannel[Any], ready: aioshm.SendChannel[Any]) -> None:
+    """Receive a large message, but stop in the middle of copying it out of its slot
+    (done with the mutex free): signal, and wait to be killed there."""
+    from aioshm import _channel
+
+    def stuck(message: memoryview, owned: bool) -> Any:
+        ready.send_blocking("ready", timeout=10)
+        time.sleep(3600)
+
+    _channel.decode = stuck  # type: ignore[assignment]
+    rx.recv_blocking(timeout=10)
