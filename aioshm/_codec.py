@@ -40,7 +40,7 @@ import numpy as np
 from ._layout import ALIGN, HEADER_RESERVE
 from ._slotqueue import CorruptMessage
 
-__all__ = ["Message", "copy_into", "decode", "encode", "loan_layout", "view"]
+__all__ = ["Message", "copy_into", "decode", "encode", "encode_bytes", "loan_layout", "view"]
 
 ARRAY: Final = 1
 BYTES: Final = 2
@@ -307,6 +307,20 @@ def encode(obj: object, limit: int) -> Message:
             return _Image(offset - len(header), offset + nbytes, header + bytes(data))
         return Encoded(header, nbytes, data=data)
     return _encode_pickle(obj, limit)
+
+
+def encode_bytes(obj: object, limit: int) -> bytes | memoryview:
+    """Encode ``obj`` as one run of bytes (header, then payload) that :func:`decode`
+    reads back: for transports that carry messages rather than fill slots.
+
+    Raises as :func:`encode`.
+    """
+    message = encode(obj, limit)
+    if type(message) is _Image:
+        return message.image
+    buffer = bytearray(message.length)
+    message.write(memoryview(buffer))
+    return memoryview(buffer)[message.start :]
 
 
 def _flat_bytes(view: memoryview) -> memoryview | bytes:

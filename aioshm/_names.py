@@ -347,3 +347,19 @@ def listing() -> list[str]:
             except FileNotFoundError:
                 continue
     return sorted(names)
+
+
+def _nats(op: str, name: str, **kwargs: Any) -> Any:
+    """The ``nats://`` and ``tls://`` transport, imported on first use (it needs
+    ``pip install 'aioshm[nats]'``)."""
+    try:
+        from .nats import transport
+    except ImportError as exc:
+        raise ImportError(
+            f"the channel {name.rsplit('@', maxsplit=1)[-1]!r} is a NATS URL, which needs nats-py: "
+            "pip install 'aioshm[nats]'"
+        ) from exc
+    return transport(op, name, **kwargs)
+
+
+SCHEMES["nats"] = SCHEMES["tls"] = _nats
