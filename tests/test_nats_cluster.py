@@ -85,6 +85,7 @@ def _run(
     assert everything == sorted((p, i) for p in range(producers) for i in range(count))
 
 
+@pytest.mark.slow
 def test_one_server_killed_mid_stream(cluster: LocalCluster) -> None:
     _run(cluster, producers=2, consumers=2, count=300, kills=[0])
 

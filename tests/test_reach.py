@@ -93,6 +93,7 @@ def _check_exactly_once(got: list[Any], tasks: int, count: int) -> None:
 # ------------------------------------------------------------ ProcessPoolExecutor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_run_in_executor_workers_stream_to_an_async_parent(method: str) -> None:
     """Each task gets ``tx.clone()``; the parent closes its own at once and receives
