@@ -30,6 +30,8 @@ from typing import Any
 import anyio
 import numpy as np
 
+from .contenders import peer
+
 __all__ = ["main"]
 
 SMALL = np.arange(10, dtype=np.float64)
@@ -118,10 +120,8 @@ async def _raw_jetstream(url: str, payload: bytes, count: int) -> float:
 
 
 async def _zmq(payload: bytes, count: int) -> float:
-    import zmq
-    import zmq.asyncio
-
-    context = zmq.asyncio.Context()
+    zmq = peer("zmq")
+    context = peer("zmq.asyncio").Context()
     pull = context.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     push = context.socket(zmq.PUSH)
