@@ -12,6 +12,12 @@ import pytest
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
+# Ctrl-C as in a terminal. A shell without job control starts a background command with
+# SIGINT ignored, and Python, trio, asyncio and every program a test starts would then
+# keep ignoring it: the tests that deliver a real SIGINT would wait for ever. A handler
+# (not an ignore) is also what lets the programs the tests exec start with the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(params=START_METHODS)
 def ctx(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
