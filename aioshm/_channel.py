@@ -140,11 +140,16 @@ class _Channel:
     def opened(self) -> None:
         self.local_handles += 1
 
-    def closed(self) -> None:
+    def closed(self, finalizing: bool = False) -> None:
+        """A handle of this process closed; the last one lets the hub threads exit.
+
+        ``finalizing``: called from a finalizer, which may run inside a hub's own locked
+        section on this thread (see :meth:`Hub.close`).
+        """
         self.local_handles -= 1
         if self.local_handles <= 0:
             for hub in self.hubs:
-                hub.close()
+                hub.close(blocking=not finalizing)
 
 
 _channels: weakref.WeakSet[_Channel] = weakref.WeakSet()
@@ -273,6 +278,7 @@ class _Handle:
     def __del__(self) -> None:
         if getattr(self, "_owned", False) and not self._closed:
             self._retire()  # first: the warning may be turned into an error
+            self._channel.closed(finalizing=True)
             if self._adopted:
                 return  # the documented way for a task's handle to be closed
             warnings.warn(

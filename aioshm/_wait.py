@@ -210,11 +210,19 @@ class Hub:
                     keep.append(waiter)
             self._waiters = keep
 
-    def close(self) -> None:
-        """Let the thread exit once no task waits any more."""
-        with self._lock:
-            self._closed = True
-            self._work.notify()
+    def close(self, blocking: bool = True) -> None:
+        """Let the thread exit once no task waits any more.
+
+        ``blocking=False`` is for finalizers, which may run while this thread holds the
+        hub's lock: the lock is not waited for, and when it is busy the thread sees the
+        flag at its next wake-up (at most :data:`LINGER` later) instead of at once.
+        """
+        self._closed = True
+        if self._lock.acquire(blocking):
+            try:
+                self._work.notify()
+            finally:
+                self._lock.release()
 
     def reset_after_fork(self) -> None:
         self._lock = threading.Lock()

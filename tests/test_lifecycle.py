@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import multiprocessing.context
 import os
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from typing import Any
 
 import anyio
@@ -17,6 +19,7 @@ import pytest
 
 import aioshm
 from aioshm._shared import RECV
+from aioshm._wait import LINGER
 
 from . import workers
 from .helpers import join_all, wait_until
@@ -382,3 +385,30 @@ def test_no_thread_is_left_after_close(backend: str) -> None:
     anyio.run(main, backend=backend)
     assert not any(thread.is_alive() for thread in started)
     assert not set(threading.enumerate()) - before
+
+
+def test_hub_threads_exit_when_the_last_handle_is_collected_unclosed() -> None:
+    """A handle that is garbage-collected without ``close()`` (a pool task's copy of its
+    argument, say) counts as the process's last handle as ``close()`` does: the hub
+    threads exit at once, not after their idle :data:`~aioshm._wait.LINGER`."""
+
+    async def main() -> threading.Thread:
+        tx, rx = aioshm.open_channel[Any](capacity=1, max_message_size=64)
+        async with anyio.create_task_group() as tg:  # a wait starts the receive hub
+            tg.start_soon(rx.recv)
+            with anyio.fail_after(10):
+                while rx.statistics().tasks_waiting_receive < 1:
+                    await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+        thread = rx._channel.hubs[RECV]._thread
+        assert thread is not None and thread.is_alive()
+        tx.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del rx
+            gc.collect()
+        return thread
+
+    thread = anyio.run(main)
+    thread.join(LINGER / 2)
+    assert not thread.is_alive(), "the hub thread waited out its idle linger"
