@@ -103,8 +103,13 @@ class Hub:
 
     @property
     def waiting(self) -> int:
-        """Tasks waiting or woken and retrying."""
-        return len(self._waiters) + self._woken
+        """Tasks waiting or woken and retrying.
+
+        Read under the hub's lock: a wake-up moves a waiter from the queue to the woken
+        count in two steps, and a reader between them would miss it.
+        """
+        with self._lock:
+            return len(self._waiters) + self._woken
 
     async def retry(self, attempt: Callable[[], T], tag: object) -> T:
         """Wait for the doorbell, then call ``attempt`` until it stops raising

@@ -224,6 +224,39 @@ async def test_failing_hub_thread_fails_its_waiters_and_restarts(
     rx.close()
 
 
+def test_a_waiter_being_woken_is_still_counted_as_waiting() -> None:
+    """A wake-up moves a waiter from the hub's queue to its woken count; a statistics
+    read in between (the waking thread may drop the GIL in the notification's syscall)
+    must still count it, or ``tasks_waiting_*`` reads 0 before the woken task has run."""
+    tx, rx = aioshm.open_channel[int](capacity=1)
+    hub = rx._channel.hubs[RECV]
+    notifying, finish = threading.Event(), threading.Event()
+
+    class SlowToNotify:
+        woken = False
+
+        def notify(self) -> bool:
+            notifying.set()
+            finish.wait(10)
+            return True
+
+    hub._waiters.append(SlowToNotify())  # type: ignore[arg-type]
+    waker = threading.Thread(target=hub._wake, args=(1,))
+    waker.start()
+    assert notifying.wait(10)
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.append(hub.waiting))
+    reader.start()
+    reader.join(0.2)  # it waits for the waker, which is mid-way
+    finish.set()
+    for thread in (waker, reader):
+        thread.join(10)
+    assert seen == [1]
+    hub._retried()
+    tx.close()
+    rx.close()
+
+
 # ---------------------------------------------------------------- many idle waiters
 
 
