@@ -105,7 +105,7 @@ def test_a_stale_channel_after_its_holders_are_killed_and_its_removal() -> None:
     assert json.loads(removed.stdout) == {"name": name, "removed": True, "was_stale": True}
     assert not os.path.exists(f"/dev/shm/aioshm.{name}")
     missing = cli("show", name)
-    assert missing.returncode == 1 and "no channel named" in missing.stderr
+    assert missing.returncode == 1 and "no channel or primitive named" in missing.stderr
 
 
 def test_forced_removal_of_a_live_channel() -> None:
