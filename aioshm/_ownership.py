@@ -67,6 +67,7 @@ from ._shared import _K_ACTIVE, _K_FREE, _K_RESERVED
 __all__ = [
     "Owned",
     "Passport",
+    "close_at_exit",
     "closed_handle_error",
     "export_segment",
     "feeding_a_plain_queue",
@@ -389,9 +390,24 @@ if hasattr(os, "register_at_fork"):  # not on Windows
 # ---------------------------------------------------------------- exit
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+#: Other things this process closes at exit (named primitives' handles).
+_closables: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_at_exit(obj: Closable) -> None:
+    """Have ``obj.close()`` called when this process exits normally (as handles are)."""
+    _closables.add(obj)
+
+
 def _close_all() -> None:
     for handle in list(_handles):
         handle._close_at_exit()
+    for obj in list(_closables):
+        obj.close()
 
 
 class _ExitHook:
