@@ -31,7 +31,7 @@ from typing import Final
 
 from . import _names, _ownership
 from ._layout import LENGTH, P_KIND, P_PID, PROC_FIELDS, TYPE_TAG, UID, Segment
-from ._shared import _K_ACTIVE
+from ._shared import _K_ACTIVE, RECV, SEND
 from ._sync import _EventState, _LockState, _SemaphoreState, _State
 
 __all__ = ["ARRAY", "EVENT", "LOCK", "RLOCK", "VALUE", "NamedState", "connect", "create"]
@@ -80,12 +80,36 @@ class NamedState(_names.Named, _State):
         with self._entry_lock:
             self.entry = _ownership.merge_into_mine(self, entry)
 
+    def leave(self) -> None:
+        """At this process's exit: give back what it holds (the lock, its permits) and
+        close its handles, as the sweep that finds it dead would, so that the name goes
+        now if nobody else holds it."""
+        entry = self.entry
+        if entry < 0:
+            return
+
+        def leave_locked() -> None:
+            base = entry * PROC_FIELDS
+            procs = self._procs
+            if procs[base + P_KIND] == _K_ACTIVE and procs[base + P_PID] == self._my_pid:
+                self._forget_sleepers_locked(entry)
+                self._reclaim_locked(entry)
+                self._free_entry_locked(entry)
+                self._ring_all_locked(SEND)
+                self._ring_all_locked(RECV)
+
+        self.locked(leave_locked)
+        self.entry = -1
+
     def close_handle(self) -> None:
         """Count one handle of this process closed; the last one frees this process's
         entry (unless it still holds something) and, if it was the last entry, the
         name goes."""
         entry = self.my_entry()
         self.drop_handle(entry, HANDLES)
+        base = entry * PROC_FIELDS
+        if self._procs[base + P_KIND] != _K_ACTIVE or self._procs[base + P_PID] != self._my_pid:
+            _open.pop(int(self.segment.ctl[UID]), None)
 
 
 class NamedLockState(NamedState, _LockState):
@@ -127,6 +151,10 @@ for _kind, (_label, _wrap) in _CLASSES.items():
 
 #: This process's state of each named object it maps, by the segment's identity.
 _states: weakref.WeakValueDictionary[int, NamedState] = weakref.WeakValueDictionary()
+#: The same, while this process holds an entry: kept alive, so that a handle collected
+#: with a reference cycle (whose members the collector finalizes in any order) still
+#: finds its state's file descriptor open when it closes.
+_open: dict[int, NamedState] = {}
 
 
 def create(
@@ -156,7 +184,8 @@ def create(
 
     state, entry = _names.create_named(name, kind, mode, make, (1, 0))
     state.adopt(entry)
-    _states[int(state.segment.ctl[UID])] = state
+    _states[int(state.segment.ctl[UID])] = _open[int(state.segment.ctl[UID])] = state
+    _ownership.leave_at_exit(state)
     return state
 
 
@@ -174,7 +203,9 @@ def connect(kind: int, name: str, timeout: float) -> NamedState:
     state = _states.get(uid)
     if state is None:
         state = _states[uid] = found
+        _ownership.leave_at_exit(state)
     state.adopt(entry)  # one entry per process: folded into the one it has, if any
+    _open[uid] = state
     return state
 
 

@@ -175,7 +175,9 @@ class Named(SharedObject):
 
 def a(label: str) -> str:
     """``label`` with its indefinite article: "a channel", "an Event"."""
-    return f"{'an' if label[:1] in 'AEIOUaeiou' else 'a'} {label}"
+    spelled = label[:2].isupper()  # an initial read as a letter: "an RLock"
+    vowel = label[:1] in ("AEFHILMNORSX" if spelled else "AEIOUaeiou")
+    return f"{'an' if vowel else 'a'} {label}"
 
 
 class Kind(NamedTuple):

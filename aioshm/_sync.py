@@ -197,10 +197,7 @@ class _Primitive:
         return state
 
     def _named(self, name: str) -> None:
-        from . import _ownership
-
         self._name = name
-        _ownership.close_at_exit(self)
 
     @classmethod
     def _connect_state(cls, name: str, timeout: float, kind: int | None = None) -> Any:
