@@ -52,8 +52,9 @@ def event_wait(name: str) -> None:
 
 
 def count(name: str, times: str) -> None:
-    """Add 1 to the named value ``times`` times under its lock, yielding inside the
-    critical section (so that, unexcluded, increments would be lost)."""
+    """Add 1 to the named value ``times`` times under its lock, pausing inside the
+    critical section (not to synchronise anything: to make sure that, were the lock
+    not to exclude the other processes, their increments would overlap and be lost)."""
 
     async def main() -> None:
         value = aioshm.Value.connect(name, "q")
@@ -61,7 +62,7 @@ def count(name: str, times: str) -> None:
         for _ in range(int(times)):
             async with value.get_lock():
                 seen = value.value
-                await anyio.sleep(0)
+                await anyio.sleep(0.001)
                 value.value = seen + 1
         value.close()
         say("done")
@@ -87,7 +88,9 @@ def create(name: str, kind: str) -> None:
 
 
 def join(name: str, kind: str) -> None:
-    """Join a named primitive of ``kind``, say so, and stay until killed."""
+    """Join a named primitive of ``kind`` (waiting up to 60 s for it to be created),
+    say so, and stay until killed."""
+    say("connecting")
     joined = getattr(aioshm, kind).connect(name, timeout=60)
     say(f"joined {os.getpid()}")
     time.sleep(600)
