@@ -146,10 +146,15 @@ def _check_supported() -> None:
 
 def _check_spawning(what: object) -> None:
     if context.get_spawning_popen() is None:
+        instead = (
+            ": give it a name (name=...) and join it by name there (.connect(name)) instead"
+            if hasattr(what, "connect")
+            else ""
+        )
         raise RuntimeError(
             f"an aioshm {type(what).__name__} can be handed to another process only as an "
             "argument of multiprocessing.Process (or inherited under fork); pickling it "
-            "otherwise, e.g. through a Queue, is not supported"
+            f"otherwise, e.g. through a Queue or a pool, is not supported{instead}"
         )
 
 

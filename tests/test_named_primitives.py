@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import pickle
 import platform
 import signal
 import subprocess
@@ -144,6 +145,13 @@ def test_handles_collected_in_a_reference_cycle_close() -> None:
     del box
     gc.collect()  # the collector clears the segment's finalizer first: it must not matter
     assert not exists(name)
+
+
+def test_pickling_a_primitive_says_to_name_it() -> None:
+    with pytest.raises(RuntimeError, match=r"give it a name \(name=\.\.\.\) and join it"):
+        pickle.dumps(aioshm.Event())
+    with pytest.raises(RuntimeError, match=r"not supported$"):
+        pickle.dumps(aioshm.RawValue("i"))
 
 
 def test_a_semaphore_joined_by_name_keeps_its_value() -> None:
