@@ -128,39 +128,32 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _show(info: dict[str, Any]) -> str:
-    if info["kind"] != "channel":
-        return _show_primitive(info)
     lines = [
         f"name:             {info['name']}",
         f"kind:             {info['kind']}",
         f"state:            {'stale (every holder is dead)' if info['stale'] else 'live'}",
-        f"capacity:         {info['capacity']} slots",
-        f"max message size: {info['max_message_size']} bytes",
-        f"buffered:         {info['buffered']} messages",
-        f"slots in use:     {info['slots_in_use']} (loans, views, large copies)",
-        f"senders:          {info['senders']} (pids {_pids(info['sender_pids'])})",
-        f"receivers:        {info['receivers']} (pids {_pids(info['receiver_pids'])})",
-        "holders:",
     ]
+    channel = info["kind"] == "channel"
+    if channel:
+        lines += [
+            f"capacity:         {info['capacity']} slots",
+            f"max message size: {info['max_message_size']} bytes",
+            f"buffered:         {info['buffered']} messages",
+            f"slots in use:     {info['slots_in_use']} (loans, views, large copies)",
+            f"senders:          {info['senders']} (pids {_pids(info['sender_pids'])})",
+            f"receivers:        {info['receivers']} (pids {_pids(info['receiver_pids'])})",
+        ]
+    else:
+        lines.append(f"handles:          {info['handles']} (pids {_pids(info['holder_pids'])})")
+    lines.append("holders:")
     for h in info["holders"]:
         who = f"pid {h['pid']}" if h["pid"] else f"pickled by pid {h['pickled_by']}"
-        state = "alive" if h["alive"] else "dead"
-        lines.append(f"  {who}: {h['senders']} send, {h['receivers']} receive ({state})")
-    return "\n".join(lines)
-
-
-def _show_primitive(info: dict[str, Any]) -> str:
-    lines = [
-        f"name:             {info['name']}",
-        f"kind:             {info['kind']}",
-        f"state:            {'stale (every holder is dead)' if info['stale'] else 'live'}",
-        f"handles:          {info['handles']} (pids {_pids(info['holder_pids'])})",
-        "holders:",
-    ]
-    for h in info["holders"]:
-        who = f"pid {h['pid']}" if h["pid"] else f"pickled by pid {h['pickled_by']}"
-        state = "alive" if h["alive"] else "dead"
-        lines.append(f"  {who}: {h['handles']} handles ({state})")
+        held = (
+            f"{h['senders']} send, {h['receivers']} receive"
+            if channel
+            else f"{h['handles']} handles"
+        )
+        lines.append(f"  {who}: {held} ({'alive' if h['alive'] else 'dead'})")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ and a name whose holders were all killed is reclaimed, leaving nothing in /dev/s
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -21,12 +22,16 @@ import pytest
 
 import aioshm
 
-from .helpers import shared_sleepers, wait_until
+from .helpers import cli, listed, shared_sleepers, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 WORKER = str(Path(__file__).with_name("named_workers.py"))
 KINDS = ["Lock", "RLock", "Semaphore", "BoundedSemaphore", "Event"]
+
+
+class Pair(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int)]
 
 
 def fresh() -> str:
@@ -63,20 +68,6 @@ def asleep(pid: int) -> bool:
         pytest.skip(f"sleep syscalls of {platform.machine()} not known here")
     with open(f"/proc/{pid}/syscall") as f:
         return f.read().split()[0] in numbers
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aioshm", *args], capture_output=True, text=True, timeout=60
-    )
-
-
-def listed(name: str) -> dict[str, Any]:
-    result = cli("list", "--json")
-    assert result.returncode == 0, result.stderr
-    rows = [row for row in json.loads(result.stdout) if row["name"] == name]
-    assert len(rows) == 1, result.stdout
-    return rows[0]  # type: ignore[no-any-return]
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -228,9 +219,20 @@ def test_errors_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="has a lock of its own"):
         aioshm.Value("i", name=name, lock=False)
     with pytest.raises(TypeError, match="a named Value or Array holds a typecode's type"):
-        aioshm.Value(type("Pair", (__import__("ctypes").Structure,), {"_fields_": []}), name=name)
+        aioshm.Value(Pair, name=name)
     with pytest.raises(ValueError, match="must let the owner read and write"):
         aioshm.Lock(name=name, mode=0o060)
+    assert not exists(name)
+
+
+def test_mode_as_for_channels() -> None:
+    name = fresh()
+    private = aioshm.Semaphore(name=name)
+    assert os.stat(f"/dev/shm/aioshm.{name}").st_mode & 0o777 == 0o600
+    private.close()
+    shared = aioshm.Value("i", name=name, mode=0o660)
+    assert os.stat(f"/dev/shm/aioshm.{name}").st_mode & 0o777 == 0o660
+    shared.close()
     assert not exists(name)
 
 
