@@ -1,10 +1,18 @@
-"""Names: how any process of the machine finds a channel.
+"""Names: how any process of the machine finds a channel, or a named primitive.
+
+**One mechanism.** Every named object, a channel or a primitive (``Lock(name=...)``,
+:mod:`aioshm._named_sync`), is made by :func:`create_named`, found by
+:func:`connect_named` and :func:`open_existing`, and removes its name through the
+:class:`Named` mixin of its shared object. Its segment records its kind
+(``ctl[KIND]``, one of :data:`KINDS`), so that a name joined as another kind is a
+``TypeError`` naming both. What is said below of channels holds for every kind.
 
 **One dispatch.** :func:`dispatch` parses every name given to
 ``open_channel(name=...)``, ``connect_send`` and ``connect_receive``. A plain name is
 this machine's shared memory (this module). A URL (``scheme://...``) belongs to the
 transport registered for its scheme in :data:`SCHEMES`; an unknown scheme is a
-``ValueError`` that names it.
+``ValueError`` that names it. Primitives are machine-local: :func:`check_local` refuses
+a URL for them.
 
 **Where a name lives.** A named channel is a file ``/dev/shm/aioshm.<name>``, created
 with mode ``0o600`` (or ``mode=``), so the kernel's file permissions decide who may join:
