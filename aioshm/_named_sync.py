@@ -59,12 +59,18 @@ class NamedState(_names.Named, _State):
     def _joined_locked(self, entry: int) -> None:
         self._init_entry_locked(entry)
 
+    def _mine(self, entry: int) -> bool:
+        """Whether ``entry`` is (still) this process's."""
+        base = entry * PROC_FIELDS
+        procs = self._procs
+        return (
+            entry >= 0 and procs[base + P_KIND] == _K_ACTIVE and procs[base + P_PID] == self._my_pid
+        )
+
     def my_entry(self) -> int:
         entry = self.entry
         if entry >= 0:
-            base = entry * PROC_FIELDS
-            procs = self._procs
-            if procs[base + P_KIND] == _K_ACTIVE and procs[base + P_PID] == self._my_pid:
+            if self._mine(entry):
                 return entry
             self.entry = -1  # freed when the last handle of this process was closed
         return super().my_entry()
@@ -89,9 +95,7 @@ class NamedState(_names.Named, _State):
             return
 
         def leave_locked() -> None:
-            base = entry * PROC_FIELDS
-            procs = self._procs
-            if procs[base + P_KIND] == _K_ACTIVE and procs[base + P_PID] == self._my_pid:
+            if self._mine(entry):
                 self._forget_sleepers_locked(entry)
                 self._reclaim_locked(entry)
                 self._free_entry_locked(entry)
@@ -105,10 +109,11 @@ class NamedState(_names.Named, _State):
         """Count one handle of this process closed; the last one frees this process's
         entry (unless it still holds something) and, if it was the last entry, the
         name goes."""
-        entry = self.my_entry()
+        entry = self.entry
+        if not self._mine(entry):  # given back already: this process left at its exit
+            return
         self.drop_handle(entry, HANDLES)
-        base = entry * PROC_FIELDS
-        if self._procs[base + P_KIND] != _K_ACTIVE or self._procs[base + P_PID] != self._my_pid:
+        if not self._mine(entry):
             _open.pop(int(self.segment.ctl[UID]), None)
 
 
