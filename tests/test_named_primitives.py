@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import multiprocessing.context
 import os
 import pickle
 import platform
@@ -22,7 +23,8 @@ import pytest
 
 import aioshm
 
-from .helpers import cli, listed, shared_sleepers, wait_until
+from . import primitive_workers
+from .helpers import cli, join_all, listed, shared_sleepers, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -222,6 +224,23 @@ def test_errors_say_what_is_wrong() -> None:
         aioshm.Value(Pair, name=name)
     with pytest.raises(ValueError, match="must let the owner read and write"):
         aioshm.Lock(name=name, mode=0o060)
+    assert not exists(name)
+
+
+def test_a_named_value_passed_to_a_child_works_there_and_stays_the_parents(
+    ctx: multiprocessing.context.BaseContext,
+) -> None:
+    name = fresh()
+    value = aioshm.Value("q", 0, name=name)
+    child = ctx.Process(target=primitive_workers.increment, args=(value, 50, "blocking"))
+    child.start()
+    join_all([child])
+    assert value.value == 50
+    assert exists(name)  # the child's exit gave back only what it held: the parent's
+    joined = aioshm.Value.connect(name)  # handle still holds the name
+    assert [row.pid for row in joined.get_lock()._state.table()] == [os.getpid()]
+    value.close()
+    joined.close()
     assert not exists(name)
 
 
