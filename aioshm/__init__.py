@@ -5,6 +5,7 @@
 any process, on asyncio or trio. numpy arrays cross as raw bytes.
 """
 
+from . import _named_sync as _named_sync  # registers the named primitives' kinds
 from ._channel import (
     ChannelStatistics,
     HandleHolder,

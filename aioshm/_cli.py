@@ -1,13 +1,14 @@
-"""``python -m aioshm`` (or ``aioshm``): this user's named channels, for operators.
+"""``python -m aioshm`` (or ``aioshm``): this user's named channels and primitives, for
+operators.
 
 ::
 
-    aioshm [list] [--json]          every named channel of this user, one line each
-    aioshm show NAME [--json]       one channel, with each holder's pid and handles
-    aioshm remove NAME [--force]    reclaim a stale channel; --force retires a live one
+    aioshm [list] [--json]          every named object of this user, one line each
+    aioshm show NAME [--json]       one object, with each holder's pid and handles
+    aioshm remove NAME [--force]    reclaim a stale object; --force retires a live one
 
-Listing and showing change nothing: they read the channel's tables under its mutex and
-ask the kernel whether each holder is alive. A channel is *stale* when no holder is.
+Listing and showing change nothing: they read the object's tables under its mutex and
+ask the kernel whether each holder is alive. An object is *stale* when no holder is.
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ from . import _names, _procs
 __all__ = ["describe", "main"]
 
 
-def describe(queue: _names.NamedQueue) -> dict[str, Any]:
-    """A snapshot of a named channel, as plain data (what ``show --json`` prints)."""
-    counters = queue.counters()
-    retired = queue.retired
+def _holders(obj: _names.Named) -> list[dict[str, Any]]:
     holders: list[dict[str, Any]] = []
-    for row in queue.table(sweep=False):
+    for row in obj.table(sweep=False):
         holder: dict[str, Any] = {"pending": bool(row.reserved_by)}
         if row.pid == 0:  # pickled, or a child being started: its pickler or parent vouches
             holder["pid"], holder["pickled_by"] = None, row.vouched_by
@@ -38,6 +36,18 @@ def describe(queue: _names.NamedQueue) -> dict[str, Any]:
             holder["alive"] = _procs.is_alive(row.pid, row.started)
         holder["senders"], holder["receivers"] = row.sends, row.receives
         holders.append(holder)
+    return holders
+
+
+def describe(obj: _names.Named) -> dict[str, Any]:
+    """A snapshot of a named channel or primitive, as plain data (what ``show --json``
+    prints)."""
+    if not isinstance(obj, _names.NamedQueue):
+        return _describe_primitive(obj)
+    queue = obj
+    counters = queue.counters()
+    retired = queue.retired
+    holders = _holders(queue)
     live = [h for h in holders if h["alive"]]
     return {
         "name": queue.name,
@@ -50,6 +60,26 @@ def describe(queue: _names.NamedQueue) -> dict[str, Any]:
         "receivers": sum(h["receivers"] for h in live),
         "sender_pids": sorted({h["pid"] or h["pickled_by"] for h in live if h["senders"]}),
         "receiver_pids": sorted({h["pid"] or h["pickled_by"] for h in live if h["receivers"]}),
+        "stale": retired or not live,
+        "holders": holders,
+    }
+
+
+def _describe_primitive(obj: _names.Named) -> dict[str, Any]:
+    """A named primitive: its holders are processes with handles open (``handles``), or
+    which used it and have not exited (0 handles: they may hold the lock or a permit)."""
+    retired = obj.retired
+    holders = []
+    for holder in _holders(obj):
+        holder["handles"] = holder.pop("senders")
+        del holder["receivers"]
+        holders.append(holder)
+    live = [h for h in holders if h["alive"]]
+    return {
+        "name": obj.name,
+        "kind": obj.kind.label,
+        "handles": sum(h["handles"] for h in live),
+        "holder_pids": sorted({h["pid"] or h["pickled_by"] for h in live}),
         "stale": retired or not live,
         "holders": holders,
     }
@@ -73,6 +103,7 @@ _COLUMNS = (
     ("IN USE", "slots_in_use"),
     ("SENDERS", "senders"),
     ("RECEIVERS", "receivers"),
+    ("HOLDERS", "holders"),
     ("STATE", "state"),
 )
 
@@ -81,10 +112,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
     cells = [[title for title, _ in _COLUMNS]]
     for row in rows:
         shown = dict(row)
-        shown["senders"] = f"{row['senders']} ({_pids(row['sender_pids'])})"
-        shown["receivers"] = f"{row['receivers']} ({_pids(row['receiver_pids'])})"
+        if row["kind"] == "channel":
+            shown["senders"] = f"{row['senders']} ({_pids(row['sender_pids'])})"
+            shown["receivers"] = f"{row['receivers']} ({_pids(row['receiver_pids'])})"
+            shown["holders"] = "-"
+        else:
+            shown["holders"] = f"{row['handles']} ({_pids(row['holder_pids'])})"
         shown["state"] = "stale" if row["stale"] else "live"
-        cells.append([str(shown[key]) for _, key in _COLUMNS])
+        cells.append([str(shown.get(key, "-")) for _, key in _COLUMNS])
     widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
@@ -97,41 +132,53 @@ def _show(info: dict[str, Any]) -> str:
         f"name:             {info['name']}",
         f"kind:             {info['kind']}",
         f"state:            {'stale (every holder is dead)' if info['stale'] else 'live'}",
-        f"capacity:         {info['capacity']} slots",
-        f"max message size: {info['max_message_size']} bytes",
-        f"buffered:         {info['buffered']} messages",
-        f"slots in use:     {info['slots_in_use']} (loans, views, large copies)",
-        f"senders:          {info['senders']} (pids {_pids(info['sender_pids'])})",
-        f"receivers:        {info['receivers']} (pids {_pids(info['receiver_pids'])})",
-        "holders:",
     ]
+    channel = info["kind"] == "channel"
+    if channel:
+        lines += [
+            f"capacity:         {info['capacity']} slots",
+            f"max message size: {info['max_message_size']} bytes",
+            f"buffered:         {info['buffered']} messages",
+            f"slots in use:     {info['slots_in_use']} (loans, views, large copies)",
+            f"senders:          {info['senders']} (pids {_pids(info['sender_pids'])})",
+            f"receivers:        {info['receivers']} (pids {_pids(info['receiver_pids'])})",
+        ]
+    else:
+        lines.append(f"handles:          {info['handles']} (pids {_pids(info['holder_pids'])})")
+    lines.append("holders:")
     for h in info["holders"]:
         who = f"pid {h['pid']}" if h["pid"] else f"pickled by pid {h['pickled_by']}"
-        state = "alive" if h["alive"] else "dead"
-        lines.append(f"  {who}: {h['senders']} send, {h['receivers']} receive ({state})")
+        held = (
+            f"{h['senders']} send, {h['receivers']} receive"
+            if channel
+            else f"{h['handles']} handles"
+        )
+        lines.append(f"  {who}: {held} ({'alive' if h['alive'] else 'dead'})")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="aioshm", description="List, show and remove this user's named aioshm channels."
+        prog="aioshm",
+        description="List, show and remove this user's named aioshm channels and primitives.",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command")
-    listing = commands.add_parser("list", help="every named channel of this user (default)")
+    listing = commands.add_parser("list", help="every named object of this user (default)")
     listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    show = commands.add_parser("show", help="one channel, with its holders")
+    show = commands.add_parser("show", help="one channel or primitive, with its holders")
     show.add_argument("name")
     show.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     remove = commands.add_parser(
-        "remove", help="reclaim a stale channel (a live one only with --force)"
+        "remove", help="reclaim a stale channel or primitive (a live one only with --force)"
     )
     remove.add_argument("name")
     remove.add_argument(
         "--force",
         action="store_true",
-        help="retire a live channel too: its senders get BrokenResourceError, its "
-        "receivers what is buffered, then EndOfStream",
+        help="retire a live one too: a channel's senders get BrokenResourceError, its "
+        "receivers what is buffered, then EndOfStream; a primitive loses its name, and "
+        "its holders keep using it unnamed",
     )
     remove.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -148,18 +195,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     info = _describe_name(args.name)
     if info is None:
-        print(f"aioshm: no channel named {args.name!r}", file=sys.stderr)
+        print(f"aioshm: no channel or primitive named {args.name!r}", file=sys.stderr)
         return 1
     if args.command == "show":
         out.write((json.dumps(info, indent=2) if args.json else _show(info)) + "\n")
         return 0
     # remove
     if not info["stale"] and not args.force:
-        print(
-            f"aioshm: {args.name!r} is live (senders: pids {_pids(info['sender_pids'])}; "
-            f"receivers: pids {_pids(info['receiver_pids'])}); use --force to retire it",
-            file=sys.stderr,
-        )
+        if info["kind"] == "channel":
+            who = (
+                f"senders: pids {_pids(info['sender_pids'])}; "
+                f"receivers: pids {_pids(info['receiver_pids'])}"
+            )
+        else:
+            who = f"a {info['kind']} held by pids {_pids(info['holder_pids'])}"
+        print(f"aioshm: {args.name!r} is live ({who}); use --force to retire it", file=sys.stderr)
         return 1
     queue = _names.open_existing(args.name)
     removed = False

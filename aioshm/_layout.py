@@ -75,6 +75,9 @@ UID = 16
 SWEPT_AT = 22  # monotonic ns when the last liveness sweep began (one sweep per interval)
 SWEEPS = 24  # liveness sweeps done, by every process
 TIMED_OUT = 25  # sleeps on a bell that ended by timeout, in every process
+KIND = 26  # a named object: what it is (0: a channel; see aioshm._names.KINDS)
+TYPE_TAG = 27  # a named Value or Array: its typecode (as ord()); 0 otherwise
+LENGTH = 28  # a named Array: its length
 RETIRED = 30  # a named object: 1 once no process holds it (its name is being removed)
 _CTL_FIELDS = 32
 

@@ -1,10 +1,18 @@
-"""Names: how any process of the machine finds a channel.
+"""Names: how any process of the machine finds a channel, or a named primitive.
+
+**One mechanism.** Every named object, a channel or a primitive (``Lock(name=...)``,
+:mod:`aioshm._named_sync`), is made by :func:`create_named`, found by
+:func:`connect_named` and :func:`open_existing`, and removes its name through the
+:class:`Named` mixin of its shared object. Its segment records its kind
+(``ctl[KIND]``, one of :data:`KINDS`), so that a name joined as another kind is a
+``TypeError`` naming both. What is said below of channels holds for every kind.
 
 **One dispatch.** :func:`dispatch` parses every name given to
 ``open_channel(name=...)``, ``connect_send`` and ``connect_receive``. A plain name is
 this machine's shared memory (this module). A URL (``scheme://...``) belongs to the
 transport registered for its scheme in :data:`SCHEMES`; an unknown scheme is a
-``ValueError`` that names it.
+``ValueError`` that names it. Primitives are machine-local: :func:`check_local` refuses
+a URL for them.
 
 **Where a name lives.** A named channel is a file ``/dev/shm/aioshm.<name>``, created
 with mode ``0o600`` (or ``mode=``), so the kernel's file permissions decide who may join:
@@ -35,17 +43,23 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, TypeVar
 
-from ._layout import MAX_PROCS, P_KIND, P_PID, P_START, PROC_FIELDS, RETIRED, Segment
-from ._shared import _K_ACTIVE, _K_FREE
+from ._layout import KIND, MAX_PROCS, P_KIND, P_PID, P_START, PROC_FIELDS, RETIRED, Segment
+from ._shared import _K_ACTIVE, _K_FREE, SharedObject
 from ._slotqueue import SlotQueue
 
 __all__ = [
+    "KINDS",
     "SCHEMES",
     "SHM_DIR",
+    "Kind",
+    "Named",
     "NamedQueue",
+    "check_local",
+    "connect_named",
     "connect_queue",
+    "create_named",
     "create_queue",
     "dispatch",
     "path_of",
@@ -78,7 +92,7 @@ def dispatch(name: object) -> Callable[..., Any] | None:
     :raises ValueError: ``name`` is malformed, or its URL scheme is unknown
     """
     if not isinstance(name, str):
-        raise TypeError(f"a channel name must be a str, not {type(name).__name__}")
+        raise TypeError(f"a name must be a str, not {type(name).__name__}")
     url = _URL.match(name)
     if url:
         scheme = url.group(1).lower()
@@ -90,7 +104,7 @@ def dispatch(name: object) -> Callable[..., Any] | None:
             )
         return SCHEMES[scheme]
     if not name or len(name) > MAX_NAME or not _VALID.match(name):
-        raise ValueError(f"malformed channel name {name!r}: {VALID_NAME}")
+        raise ValueError(f"malformed name {name!r}: {VALID_NAME}")
     return None
 
 
@@ -98,15 +112,11 @@ def path_of(name: str) -> str:
     return os.path.join(SHM_DIR, PREFIX + name)
 
 
-class NamedQueue(SlotQueue):
-    """A slot queue reachable by name, which removes its name when no one holds it."""
+class Named(SharedObject):
+    """What every named object adds to its shared object (a mixin, first in the bases):
+    its name, which it removes when no one holds the object any more."""
 
-    def __init__(self, segment: Segment, name: str = "") -> None:
-        super().__init__(segment)
-        self.name = name
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (NamedQueue, (self.segment, self.name))
+    name: str = ""
 
     def _free_entry_locked(self, entry: int) -> None:
         super()._free_entry_locked(entry)
@@ -126,8 +136,11 @@ class NamedQueue(SlotQueue):
         bases = range(0, MAX_PROCS * PROC_FIELDS, PROC_FIELDS)
         return sum(procs[base + P_KIND] != _K_FREE for base in bases)
 
+    def _joined_locked(self, entry: int) -> None:
+        """A new holder's entry, just registered (subclasses clear leftovers there)."""
+
     def register_if_live(self, opened: tuple[int, int]) -> int | None:
-        """Like :meth:`register`, or ``None`` if the channel is retired."""
+        """Like :meth:`register`, or ``None`` if the object is retired."""
         from . import _procs
 
         pid, started = _procs.my_identity()
@@ -139,6 +152,7 @@ class NamedQueue(SlotQueue):
             base = entry * PROC_FIELDS
             self._procs[base + P_PID] = pid
             self._procs[base + P_START] = started
+            self._joined_locked(entry)
             return entry
 
         return self.locked(register_locked)
@@ -147,9 +161,60 @@ class NamedQueue(SlotQueue):
     def retired(self) -> bool:
         return bool(self._ctl[RETIRED])
 
+    @property
+    def kind(self) -> Kind:
+        """What the object is (a channel, a Lock, ...)."""
+        return KINDS[int(self._ctl[KIND])]
+
     def remove_name(self) -> bool:
-        """Remove the name if it still leads to this channel; whether it did."""
+        """Remove the name if it still leads to this object; whether it did."""
         return _unlink_if_same(path_of(self.name), self.segment.fd)
+
+    def force_retire(self) -> None:
+        """Retire a live object (``aioshm remove --force``): nobody may join it any
+        more, and its name goes. Its holders keep what they have (subclasses do more)."""
+
+        def retire_locked() -> None:
+            self._ctl[RETIRED] = 1
+
+        self.locked(retire_locked)
+        self.remove_name()
+
+
+def a(label: str) -> str:
+    """``label`` with its indefinite article: "a channel", "an Event"."""
+    spelled = label[:2].isupper()  # an initial read as a letter: "an RLock"
+    vowel = label[:1] in ("AEFHILMNORSX" if spelled else "AEIOUaeiou")
+    return f"{'an' if vowel else 'a'} {label}"
+
+
+class Kind(NamedTuple):
+    """One kind of named object: how to map it, and how to talk about it."""
+
+    label: str
+    """What it is called in messages and in ``aioshm list`` (``"channel"``, ``"Lock"``)."""
+    wrap: Callable[[Segment, str], Named]
+    """The shared object over a mapped segment of this kind, with its name."""
+    create: str
+    """How to create one of a name (``{name}`` is replaced), for messages."""
+    connect: str
+    """How to join one by name, for messages."""
+
+
+#: Every kind of named object, by the number its segment records in ``ctl[KIND]``.
+#: Channels are 0; the primitives register theirs (:mod:`aioshm._sync`).
+KINDS: dict[int, Kind] = {}
+
+
+class NamedQueue(Named, SlotQueue):
+    """A slot queue reachable by name, which removes its name when no one holds it."""
+
+    def __init__(self, segment: Segment, name: str = "") -> None:
+        super().__init__(segment)
+        self.name = name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (NamedQueue, (self.segment, self.name))
 
     def force_retire(self) -> None:
         """Retire a live channel (``aioshm remove --force``): its senders get
@@ -169,6 +234,14 @@ class NamedQueue(SlotQueue):
 
         self.locked(retire_locked)
         self.remove_name()
+
+
+KINDS[0] = Kind(
+    "channel",
+    NamedQueue,
+    "aioshm.open_channel(name={name!r})",
+    "aioshm.connect_send/connect_receive",
+)
 
 
 def queue_for(segment: Segment, name: str | None) -> SlotQueue:
@@ -192,8 +265,8 @@ def _unlink_if_same(path: str, fd: int) -> bool:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def open_existing(name: str) -> NamedQueue | None:
-    """Map the channel named ``name``; ``None`` if there is none.
+def open_existing(name: str) -> Named | None:
+    """Map the object named ``name``; ``None`` if there is none.
 
     :raises PermissionError: it belongs to another user, whose mode does not let us in
     """
@@ -209,24 +282,32 @@ def open_existing(name: str) -> NamedQueue | None:
             owner = -1
         raise PermissionError(
             exc.errno,
-            f"the channel named {name!r} belongs to user {owner}, and its mode does not "
-            "let this user join it (the creator may widen it with open_channel(mode=...))",
+            f"the object named {name!r} belongs to user {owner}, and its mode does not "
+            "let this user join it (the creator may widen it with mode=...)",
             path,
         ) from None
     try:
         segment = Segment._attach(fd)  # takes the descriptor over (closes it on failure)
     except (RuntimeError, ValueError, OSError) as exc:
         raise FileExistsError(
-            errno.EEXIST, f"{path} exists but is not an aioshm channel ({exc})", path
+            errno.EEXIST, f"{path} exists but is not an aioshm object ({exc})", path
         ) from None
-    return NamedQueue(segment, name)
+    kind = KINDS.get(int(segment.ctl[KIND]))
+    if kind is None:
+        raise FileExistsError(
+            errno.EEXIST,
+            f"{path} is an aioshm object of a kind this version does not know "
+            f"({int(segment.ctl[KIND])})",
+            path,
+        )
+    return kind.wrap(segment, name)
 
 
-def _check_not_stale(queue: NamedQueue) -> bool:
-    """Sweep ``queue``: whether it is still live (a stale one removes its name)."""
-    queue.sweep(force=True)
-    if queue.retired:
-        queue.remove_name()  # its retirer may have been killed before removing it
+def _check_not_stale(obj: Named) -> bool:
+    """Sweep ``obj``: whether it is still live (a stale one removes its name)."""
+    obj.sweep(force=True)
+    if obj.retired:
+        obj.remove_name()  # its retirer may have been killed before removing it
         return False
     return True
 
@@ -236,12 +317,63 @@ def reclaim_stale() -> list[str]:
     removed = []
     for name in listing():
         try:
-            queue = open_existing(name)
-            if queue is not None and not _check_not_stale(queue):
+            obj = open_existing(name)
+            if obj is not None and not _check_not_stale(obj):
                 removed.append(name)
-        except OSError:  # removed meanwhile, or not a channel
+        except OSError:  # removed meanwhile, or not an aioshm object
             continue
     return removed
+
+
+N = TypeVar("N", bound=Named)
+
+
+def create_named(
+    name: str, kind: int, mode: int, make: Callable[[int], N], opened: tuple[int, int]
+) -> tuple[N, int]:
+    """Create the object ``name`` of ``kind``, holding ``opened`` handles per side;
+    ``(object, entry)``. ``make(fd)`` builds the object in the empty file ``fd``, which it
+    takes over if it succeeds (on failure, ``fd`` is closed here).
+
+    Creating a name also reclaims this user's stale ones, whatever their names.
+
+    :raises FileExistsError: a live object has that name
+    """
+    reclaim_stale()
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"mode must be permission bits such as 0o600 or 0o660, not {mode!r}")
+    if mode & 0o600 != 0o600:
+        raise ValueError(f"mode {mode:#o} must let the owner read and write (0o600)")
+    what = KINDS[kind]
+    path = path_of(name)
+    try:
+        fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot create {a('named ' + what.label)} in {SHM_DIR}: {exc.strerror}"
+        ) from None
+    try:
+        os.fchmod(fd, mode)  # whatever the umask
+        # Sized and every page reserved: a full /dev/shm is an OSError here.
+        obj = make(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    obj.name = name
+    obj.segment.ctl[KIND] = kind  # before it has a name: nobody sees it without
+    entry = obj.register(opened)
+    while True:
+        if _publish(fd, name):
+            return obj, entry
+        existing = open_existing(name)
+        if existing is not None and _check_not_stale(existing):
+            theirs = existing.kind
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{a(theirs.label)} named {name!r} exists and is in use: connect to it with "
+                f"{theirs.connect}, or pick another name",
+                path,
+            )
 
 
 def create_queue(
@@ -249,42 +381,13 @@ def create_queue(
 ) -> tuple[NamedQueue, int]:
     """Create the channel ``name``, holding one handle of each side; ``(queue, entry)``.
 
-    Creating a name also reclaims this user's stale ones, whatever their names.
-
-    :raises FileExistsError: a live channel has that name
+    :raises FileExistsError: a live object has that name
     """
-    reclaim_stale()
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-        raise ValueError(f"mode must be permission bits such as 0o600 or 0o660, not {mode!r}")
-    if mode & 0o600 != 0o600:
-        raise ValueError(f"mode {mode:#o} must let the owner read and write (0o600)")
-    path = path_of(name)
-    try:
-        fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise OSError(
-            exc.errno, f"cannot create a named channel in {SHM_DIR}: {exc.strerror}"
-        ) from None
-    try:
-        os.fchmod(fd, mode)  # whatever the umask
-        # Sized and every page reserved: a full /dev/shm is an OSError here.
-        queue = NamedQueue.create(capacity, max_message_size, fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    queue.name = name
-    entry = queue.register((1, 1))
-    while True:
-        if _publish(fd, name):
-            return queue, entry
-        existing = open_existing(name)
-        if existing is not None and _check_not_stale(existing):
-            raise FileExistsError(
-                errno.EEXIST,
-                f"a channel named {name!r} exists and is in use: connect to it with "
-                "aioshm.connect_send/connect_receive, or pick another name",
-                path,
-            )
+
+    def make(fd: int) -> NamedQueue:
+        return NamedQueue.create(capacity, max_message_size, fd)
+
+    return create_named(name, 0, mode, make, (1, 1))
 
 
 def _publish(fd: int, name: str) -> bool:
@@ -301,34 +404,69 @@ def _publish(fd: int, name: str) -> bool:
     return True
 
 
-def connect_queue(name: str, opened: tuple[int, int], timeout: float) -> tuple[NamedQueue, int]:
-    """Join the channel ``name`` with ``opened`` handles per side; ``(queue, entry)``.
+def connect_named(
+    name: str, kind: int, opened: tuple[int, int], timeout: float
+) -> tuple[Named, int]:
+    """Join the object ``name``, which must be of ``kind``, with ``opened`` handles per
+    side; ``(object, entry)``. Waits up to ``timeout`` seconds for it to be created.
 
-    Waits up to ``timeout`` seconds for it to be created.
-
-    :raises FileNotFoundError: no live channel has that name
+    :raises FileNotFoundError: no live object has that name
+    :raises TypeError: the object of that name is of another kind
     """
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
     if timeout < 0:
         raise ValueError(f"timeout must be 0 or more, not {timeout}")
+    wanted = KINDS[kind]
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:
-        queue = open_existing(name)
-        if queue is not None and _check_not_stale(queue):
-            entry = queue.register_if_live(opened)
+        obj = open_existing(name)
+        if obj is not None and _check_not_stale(obj):
+            found = int(obj.segment.ctl[KIND])
+            if found != kind:
+                raise TypeError(
+                    f"{name!r} names {a(KINDS[found].label)}, not {a(wanted.label)}: join it "
+                    f"with {KINDS[found].connect}"
+                )
+            entry = obj.register_if_live(opened)
             if entry is not None:
-                return queue, entry
+                return obj, entry
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             waited = f" within {timeout} s" if timeout else ""
             raise FileNotFoundError(
                 errno.ENOENT,
-                f"no channel named {name!r} is open{waited}: create it with "
-                f"aioshm.open_channel(name={name!r}), or pass timeout= to wait for it",
+                f"no {wanted.label} named {name!r} is open{waited}: create it with "
+                f"{wanted.create.format(name=name)}, or pass timeout= to wait for it",
                 path_of(name),
             )
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.05)
+
+
+def connect_queue(name: str, opened: tuple[int, int], timeout: float) -> tuple[NamedQueue, int]:
+    """Join the channel ``name`` with ``opened`` handles per side; ``(queue, entry)``.
+
+    :raises FileNotFoundError: no live channel has that name
+    :raises TypeError: ``name`` is a primitive's
+    """
+    queue, entry = connect_named(name, 0, opened, timeout)
+    assert isinstance(queue, NamedQueue)
+    return queue, entry
+
+
+def check_local(name: object, what: str) -> str:
+    """Check the name of a named primitive, ``what``: a plain name (primitives are
+    machine-local; a URL is a ``ValueError`` that says so)."""
+    if isinstance(name, str) and _URL.match(name):
+        raise ValueError(
+            f"{name!r} is a URL, but {a(what)} is local to this machine: its name is a "
+            f"plain name, and {VALID_NAME}"
+        )
+    dispatch(name)
+    assert isinstance(name, str)
+    return name
 
 
 def listing() -> list[str]:

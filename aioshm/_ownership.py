@@ -72,6 +72,7 @@ __all__ = [
     "feeding_a_plain_queue",
     "import_segment",
     "keep_until_claimed",
+    "leave_at_exit",
     "merge_into_mine",
     "raise_on_arrival",
     "reserve_for_spawn",
@@ -389,9 +390,26 @@ if hasattr(os, "register_at_fork"):  # not on Windows
 # ---------------------------------------------------------------- exit
 
 
+class Leaving(Protocol):
+    def leave(self) -> None:
+        """Give back what this process holds of it, at this process's exit."""
+
+
+#: Other things this process leaves at exit (named primitives).
+_leaving: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def leave_at_exit(obj: Leaving) -> None:
+    """Have ``obj.leave()`` called when this process exits normally (as handles are
+    closed then), while ``obj`` lives."""
+    _leaving.add(obj)
+
+
 def _close_all() -> None:
     for handle in list(_handles):
         handle._close_at_exit()
+    for obj in list(_leaving):
+        obj.leave()
 
 
 class _ExitHook:

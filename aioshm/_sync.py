@@ -34,17 +34,20 @@ import threading
 from collections.abc import Callable
 from multiprocessing import context
 from types import TracebackType
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, NoReturn, TypeVar
 
-from anyio import CancelScope, WouldBlock, get_cancelled_exc_class
+from anyio import CancelScope, ClosedResourceError, WouldBlock, get_cancelled_exc_class
 from anyio.lowlevel import checkpoint
 
 from . import _arena
 from ._checkpoint import YIELD_EVERY, cancel_pending
 from ._layout import MAX_PROCS, Segment
-from ._posix import supported
+from ._posix import Reentered, supported
 from ._shared import INFINITE, SEND, SharedObject
 from ._wait import Hub
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = [
     "CONDITION_CAPACITY",
@@ -143,11 +146,132 @@ def _check_supported() -> None:
 
 def _check_spawning(what: object) -> None:
     if context.get_spawning_popen() is None:
+        instead = (
+            ": give it a name (name=...) and join it by name there (.connect(name)) instead"
+            if hasattr(what, "connect")
+            else ""
+        )
         raise RuntimeError(
             f"an aioshm {type(what).__name__} can be handed to another process only as an "
             "argument of multiprocessing.Process (or inherited under fork); pickling it "
-            "otherwise, e.g. through a Queue, is not supported"
+            f"otherwise, e.g. through a Queue or a pool, is not supported{instead}"
         )
+
+
+# ---------------------------------------------------------------------- names
+
+
+class _Closed:
+    """What a closed primitive has in place of its state: any use raises."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __getattr__(self, attribute: str) -> NoReturn:
+        raise ClosedResourceError(f"this {self._what} has been closed")
+
+
+class _Primitive:
+    """What the primitives share: an optional name, :meth:`connect` and :meth:`close`."""
+
+    #: The kind recorded in a named segment (see :mod:`aioshm._named_sync`).
+    _kind: ClassVar[int]
+    _state: Any
+    _name: str | None = None
+
+    def _new_state(
+        self,
+        name: str | None,
+        mode: int,
+        sizes: tuple[int, int],
+        init: Callable[[Segment], None],
+        make: Callable[[Segment], _State],
+        kind: int | None = None,
+    ) -> Any:
+        """A new state: a block of an arena, or, with ``name``, a named segment (of
+        ``kind``, by default this class's)."""
+        _check_supported()
+        if name is None:
+            segment = _arena.allocate(*sizes)
+            init(segment)
+            return make(segment)
+        from . import _named_sync
+
+        state = _named_sync.create(self._kind if kind is None else kind, name, mode, sizes, init)
+        self._named(name)
+        return state
+
+    def _named(self, name: str) -> None:
+        self._name = name
+
+    @classmethod
+    def _connect_state(cls, name: str, timeout: float, kind: int | None = None) -> Any:
+        _check_supported()
+        from . import _named_sync
+
+        return _named_sync.connect(cls._kind if kind is None else kind, name, timeout)
+
+    @classmethod
+    def connect(cls, name: str, *, timeout: float = 0) -> Self:
+        """A new handle of the live primitive named ``name``, of this class, created
+        by any process of this user with ``name=``. Close it when done (:meth:`close`).
+
+        :param timeout: how long to wait, in seconds, for it to be created (for a
+            process that may start before the creator). It blocks the calling thread
+            meanwhile; from async code with a timeout, call it through
+            ``anyio.to_thread.run_sync``.
+        :raises FileNotFoundError: no live primitive has that name (within ``timeout``)
+        :raises TypeError: the name is of another kind (a channel, or another class:
+            the message names both)
+        :raises ValueError: the name is malformed, or a URL (primitives are local to
+            this machine)
+        :raises PermissionError: it belongs to another user, whose ``mode`` does not let
+            this one join
+        """
+        handle = cls.__new__(cls)
+        handle._state = cls._connect_state(name, timeout)
+        handle._named(name)
+        return handle
+
+    @property
+    def name(self) -> str | None:
+        """The name it was created or joined by; ``None`` for an unnamed one."""
+        return self._name
+
+    def close(self) -> None:
+        """Close this handle. Idempotent. Using it afterwards raises
+        ``anyio.ClosedResourceError``.
+
+        For a named one, the handle stops counting as a holder of the name: the name
+        goes once no handle is open in any live process (and no process holds the lock
+        or a permit of it). Close it when no task of this process waits on it any more.
+        A named handle is also closed when it is garbage-collected, and at the exit of
+        its process.
+        """
+        state = self._state
+        if isinstance(state, _Closed):
+            return
+        self._state = _Closed(type(self).__name__)
+        if self._name is not None:
+            try:
+                state.close_handle()
+            except Reentered:  # a finalizer inside this thread's critical section
+                state.defer(state.close_handle)
+
+    def __del__(self) -> None:
+        if getattr(self, "_name", None) is not None and not isinstance(
+            getattr(self, "_state", None), _Closed | None
+        ):
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return isinstance(self._state, _Closed)
+
+    def _closed_repr(self) -> str:
+        named = f" name={self._name!r}" if self._name is not None else ""
+        return f"<aioshm.{type(self).__name__} closed{named}>"
 
 
 # ---------------------------------------------------------------------- shared states
@@ -225,7 +349,7 @@ class _State(SharedObject):
 
 
 class _LockState(_State):
-    def __init__(self, segment: Segment, reentrant: bool) -> None:
+    def __init__(self, segment: Segment, reentrant: bool = False) -> None:
         self.reentrant = reentrant
         super().__init__(segment)
 
@@ -638,18 +762,34 @@ class LockStatistics(NamedTuple):
     tasks_waiting: int
 
 
-class _LockBase:
-    _reentrant: bool = False
+def _nothing(segment: Segment) -> None:
+    pass
 
-    def __init__(self) -> None:
-        _check_supported()
-        self._state = _LockState(_arena.allocate(0, 0), self._reentrant)
+
+class _LockBase(_Primitive):
+    _reentrant: bool = False
+    _state: _LockState
+
+    def __init__(self, *, name: str | None = None, mode: int = 0o600) -> None:
+        self._state = self._new_state(name, mode, (0, 0), _nothing, self._plain_state)
+
+    def _plain_state(self, segment: Segment) -> _State:
+        return _LockState(segment, self._reentrant)
 
     @classmethod
-    def _with_storage(cls, nbytes: int) -> _LockBase:
-        """A lock whose segment also holds ``nbytes`` of storage (in payload slot 0)."""
-        _check_supported()
-        return _rebuild_lock(cls, _arena.allocate(1, nbytes))
+    def _with_storage(
+        cls,
+        nbytes: int,
+        name: str | None = None,
+        mode: int = 0o600,
+        kind: int | None = None,
+        init: Callable[[Segment], None] = _nothing,
+    ) -> Self:
+        """A lock whose segment also holds ``nbytes`` of storage (in payload slot 0):
+        named ``name`` (as a ``kind``), or a block of an arena."""
+        lock = cls.__new__(cls)
+        lock._state = lock._new_state(name, mode, (1, nbytes), init, lock._plain_state, kind)
+        return lock
 
     def __reduce__(self) -> tuple[Any, ...]:
         _check_spawning(self)
@@ -761,6 +901,8 @@ class _LockBase:
         self._state.release(_thread_owner(), type(self).__name__)
 
     def __repr__(self) -> str:
+        if self.closed:
+            return self._closed_repr()
         state = "locked" if self.locked() else "unlocked"
         died = " owner_died" if self.owner_died else ""
         return f"<aioshm.{type(self).__name__} {state}{died}>"
@@ -774,6 +916,9 @@ def _rebuild_lock(cls: type[_LockBase], segment: Segment) -> _LockBase:
 
 class Lock(_LockBase):
     """A lock shared by processes: the async counterpart of ``multiprocessing.Lock``.
+
+    ``Lock(name="x")`` gives it a name by which any process of this user joins it
+    (:meth:`connect`); see *Named primitives* in the Concepts page.
 
     ``async with lock:`` in any process, on asyncio or trio; ``with lock:`` (or
     :meth:`acquire_blocking`) in code with no event loop. Pass it to other processes as
@@ -793,7 +938,12 @@ class Lock(_LockBase):
 
     :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
         the shared memory for a new arena cannot be reserved (nothing is left behind)
+    :raises ValueError: ``name`` is malformed or a URL (the message says what a valid
+        name is), or ``mode`` is not permission bits that let the owner read and write
+    :raises FileExistsError: a live object of this user already has that name
     """
+
+    _kind = 1
 
 
 class RLock(_LockBase):
@@ -808,9 +958,12 @@ class RLock(_LockBase):
     On Python 3.11, ``asyncio.wait_for(rlock.acquire(), t)`` makes ``wait_for``'s own
     task the owner (it runs the acquire in a task of its own), so the caller cannot
     release it: use ``asyncio.timeout`` (or an anyio cancel scope) there instead.
+
+    ``RLock(name="x")`` and :meth:`connect` as for :class:`Lock`.
     """
 
     _reentrant = True
+    _kind = 2
 
 
 # ---------------------------------------------------------------------- semaphores
@@ -829,7 +982,7 @@ class SemaphoreStatistics(NamedTuple):
     tasks_waiting: int
 
 
-class Semaphore:
+class Semaphore(_Primitive):
     """A counting semaphore shared by processes (``multiprocessing.Semaphore``, async).
 
     **Permits of a dead process.** A permit taken by ``async with sem:`` (or
@@ -844,24 +997,34 @@ class Semaphore:
     Cancellation: a cancelled :meth:`acquire` (or ``async with`` entry) took no permit
     and left nothing behind; the other methods never wait.
 
-    :raises ValueError: ``value`` is negative
+    ``Semaphore(value, name="x")`` gives it a name by which any process of this user
+    joins it (:meth:`connect`, which keeps the value it has); see *Named primitives*
+    in the Concepts page.
+
+    :raises ValueError: ``value`` is negative, or ``name`` is malformed or a URL
     :raises TypeError: ``value`` is not an int
+    :raises FileExistsError: a live object of this user already has that name
     :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
         the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
     _bounded = False
+    _kind = 3
+    _state: _SemaphoreState
 
-    def __init__(self, value: int = 1) -> None:
+    def __init__(self, value: int = 1, *, name: str | None = None, mode: int = 0o600) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"value must be an int, not {type(value).__name__}")
         if value < 0:
             raise ValueError(f"a semaphore's initial value must be >= 0, not {value}")
-        _check_supported()
-        self._state = _SemaphoreState(_arena.allocate(1, 8 * MAX_PROCS))
-        ctl = self._state.segment.ctl
-        ctl[_S_VALUE] = ctl[_S_TOTAL] = ctl[_S_INITIAL] = value
-        ctl[_S_BOUNDED] = int(self._bounded)
+        bounded = self._bounded
+
+        def init(segment: Segment) -> None:
+            ctl = segment.ctl
+            ctl[_S_VALUE] = ctl[_S_TOTAL] = ctl[_S_INITIAL] = value
+            ctl[_S_BOUNDED] = int(bounded)
+
+        self._state = self._new_state(name, mode, (1, 8 * MAX_PROCS), init, _SemaphoreState)
 
     def __reduce__(self) -> tuple[Any, ...]:
         _check_spawning(self)
@@ -951,6 +1114,8 @@ class Semaphore:
         self._state.release(True)
 
     def __repr__(self) -> str:
+        if self.closed:
+            return self._closed_repr()
         return f"<aioshm.{type(self).__name__} value={self.value}>"
 
 
@@ -969,6 +1134,7 @@ class BoundedSemaphore(Semaphore):
     """
 
     _bounded = True
+    _kind = 4
 
 
 # ---------------------------------------------------------------------- events
@@ -983,7 +1149,7 @@ class EventStatistics(NamedTuple):
     tasks_waiting: int
 
 
-class Event:
+class Event(_Primitive):
     """An event flag shared by processes (``multiprocessing.Event``, async).
 
     :meth:`set` wakes every waiter, in every process. A waiter returns once the flag is
@@ -994,13 +1160,20 @@ class Event:
     Cancellation: a cancelled :meth:`wait` leaves nothing behind; the other methods
     never wait.
 
+    ``Event(name="x")`` gives it a name by which any process of this user joins it
+    (:meth:`connect`); see *Named primitives* in the Concepts page.
+
+    :raises ValueError: ``name`` is malformed or a URL
+    :raises FileExistsError: a live object of this user already has that name
     :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
         the shared memory for a new arena cannot be reserved (nothing is left behind)
     """
 
-    def __init__(self) -> None:
-        _check_supported()
-        self._state = _EventState(_arena.allocate(0, 0))
+    _kind = 5
+    _state: _EventState
+
+    def __init__(self, *, name: str | None = None, mode: int = 0o600) -> None:
+        self._state = self._new_state(name, mode, (0, 0), _nothing, _EventState)
 
     def __reduce__(self) -> tuple[Any, ...]:
         _check_spawning(self)
@@ -1057,6 +1230,8 @@ class Event:
         return EventStatistics(self.is_set(), self._state.tasks_waiting)
 
     def __repr__(self) -> str:
+        if self.closed:
+            return self._closed_repr()
         return f"<aioshm.Event {'set' if self.is_set() else 'unset'}>"
 
 

@@ -68,10 +68,82 @@ def _segment(nbytes: int) -> Segment:
     return _arena.allocate(1, nbytes)
 
 
+def _typecode_of(ctype: Any) -> str:
+    """The typecode of a simple ctypes type, for a named value or array."""
+    for code, known in typecode_to_type.items():
+        if known is ctype:
+            return code
+    raise TypeError(
+        f"a named Value or Array holds a typecode's type ({''.join(sorted(typecode_to_type))!r} "
+        f"or its ctypes type), not {ctype.__name__}: other processes join it by typecode"
+    )
+
+
+def _named_storage(
+    kind: int,
+    name: str,
+    mode: int,
+    lock: object,
+    shape: tuple[Any, int],
+    initial: list[Any] | None,
+) -> tuple[Segment, Lock]:
+    """A named lock whose segment holds the storage, written before it has a name."""
+    if lock is not True:
+        raise ValueError(
+            "a named Value or Array has a lock of its own, in the same named segment: "
+            f"leave lock= at True, not {lock!r}"
+        )
+    from . import _named_sync
+
+    ctype, length = shape
+    tag = ord(_typecode_of(ctype))
+    nbytes = ctypes.sizeof(ctype) * max(length, 1)
+
+    def init(segment: Segment) -> None:
+        _named_sync.record_type(segment, tag, length)
+        if initial is not None:
+            target = ctype * length if kind == _named_sync.ARRAY else ctype
+            target.from_buffer(segment.payload[0]).__init__(*initial)
+
+    new = Lock._with_storage(nbytes, name, mode, kind, init)
+    return new._state.segment, new
+
+
+def _connect_storage(
+    kind: int, name: str, typecode_or_type: str | type[Any] | None, size: int | None, timeout: float
+) -> tuple[Segment, Lock, Any, int]:
+    """Join the named value or array ``name``: ``(segment, lock, ctype, length)``.
+
+    :raises TypeError: it holds another type than ``typecode_or_type``
+    :raises ValueError: (an array) its length is not ``size``
+    """
+    from . import _named_sync
+
+    lock = Lock.__new__(Lock)
+    lock._state = Lock._connect_state(name, timeout, kind)
+    lock._named(name)
+    tag, length = _named_sync.type_of(lock._state)
+    code = chr(tag)
+    what = "Array" if kind == _named_sync.ARRAY else "Value"
+    try:
+        if typecode_or_type is not None:
+            wanted = _typecode_of(_ctype(typecode_or_type))
+            if wanted != code:
+                raise TypeError(
+                    f"the {what} named {name!r} holds typecode {code!r} "
+                    f"({typecode_to_type[code].__name__}), not {wanted!r}"
+                )
+        if size is not None and size != length:
+            raise ValueError(f"the Array named {name!r} has {length} items, not {size}")
+    except BaseException:
+        lock.close()
+        raise
+    return lock._state.segment, lock, typecode_to_type[code], length
+
+
 def _storage_and_lock(nbytes: int, lock: object) -> tuple[Segment, Lock | RLock]:
     if lock is True:
         new = Lock._with_storage(nbytes)
-        assert isinstance(new, Lock)
         return new._state.segment, new
     if isinstance(lock, Lock | RLock):
         return _segment(nbytes), lock
@@ -113,6 +185,18 @@ class _Guarded:
 
     def _lock_or_none(self) -> Lock | RLock | None:
         return self._lock
+
+    @property
+    def name(self) -> str | None:
+        """The name it was created or joined by; ``None`` for an unnamed one."""
+        return self._lock.name
+
+    def close(self) -> None:
+        """Close this handle: its lock's (see :meth:`aioshm.Lock.close`, which says when
+        a name goes). Idempotent. The storage stays readable and writable through
+        views and ctypes objects already taken; the lock raises
+        ``anyio.ClosedResourceError``."""
+        self._lock.close()
 
     async def __aenter__(self) -> None:
         """Acquire the lock (see :meth:`aioshm.Lock.acquire`, cancellation included)."""
@@ -196,6 +280,27 @@ class SynchronizedValue(_Guarded, RawValue):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("use aioshm.Value(...) to make a SynchronizedValue")
 
+    @classmethod
+    def connect(
+        cls, name: str, typecode_or_type: str | type[Any] | None = None, *, timeout: float = 0
+    ) -> SynchronizedValue:
+        """A new handle of the live value named ``name`` (``aioshm.Value.connect`` is
+        this), with its lock. Close it when done (:meth:`close`).
+
+        :param typecode_or_type: if given, the value must hold this type, else
+            ``TypeError`` (and nothing is joined); by default, whatever it holds
+        :param timeout: how long to wait, in seconds, for it to be created (blocking the
+            calling thread; from async code, through ``anyio.to_thread.run_sync``)
+        :raises FileNotFoundError: no live value has that name (within ``timeout``)
+        :raises TypeError: the name is of another kind (a channel, a Lock, an Array,
+            ...), or the value holds another type than ``typecode_or_type``
+        :raises ValueError: the name is malformed or a URL
+        """
+        from ._named_sync import VALUE
+
+        segment, lock, ctype, _ = _connect_storage(VALUE, name, typecode_or_type, None, timeout)
+        return _synchronized_value(segment, ctype, lock)
+
 
 def _rebuild_value(
     cls: type[RawValue], segment: Segment, ctype: Any, lock: Lock | RLock | None
@@ -212,12 +317,20 @@ def _rebuild_value(
 def Value(typecode_or_type: str | type[Any], *args: Any, lock: Literal[False]) -> RawValue: ...
 @overload
 def Value(
-    typecode_or_type: str | type[Any], *args: Any, lock: Literal[True] | Lock | RLock = True
+    typecode_or_type: str | type[Any],
+    *args: Any,
+    lock: Literal[True] | Lock | RLock = True,
+    name: str | None = None,
+    mode: int = 0o600,
 ) -> SynchronizedValue: ...
 @overload
 def Value(typecode_or_type: str | type[Any], *args: Any, lock: bool) -> RawValue: ...
 def Value(
-    typecode_or_type: str | type[Any], *args: Any, lock: bool | Lock | RLock = True
+    typecode_or_type: str | type[Any],
+    *args: Any,
+    lock: bool | Lock | RLock = True,
+    name: str | None = None,
+    mode: int = 0o600,
 ) -> RawValue:
     """A ctypes value in shared memory (``multiprocessing.Value``, async).
 
@@ -230,23 +343,43 @@ def Value(
     ``.value`` reads and writes do not take the lock; the idiom for a read-modify-write
     is ``async with counter.get_lock(): counter.value += 1``.
 
-    :raises ValueError: unknown typecode
-    :raises TypeError: neither a typecode nor a ctypes type, or ``lock`` is not
-        ``True``, ``False``, or an aioshm ``Lock``/``RLock``
+    With ``name``, any process of this user joins it with ``Value.connect(name)``
+    (:meth:`SynchronizedValue.connect`); its lock lives in the same named segment, and
+    the name lives as long as a handle (:meth:`SynchronizedValue.close`). A named value
+    holds a typecode's type (``"i"``, ``"d"``, ... or its ctypes type, not a structure).
+
+    :raises ValueError: unknown typecode; ``name`` malformed or a URL; ``lock`` not
+        ``True`` with a ``name``
+    :raises TypeError: neither a typecode nor a ctypes type (with a ``name``: not a
+        typecode's type), or ``lock`` is not ``True``, ``False``, or an aioshm
+        ``Lock``/``RLock``
+    :raises FileExistsError: a live object of this user already has that name
     :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
         the shared memory for a new arena cannot be reserved (nothing is left behind)
 
     Nothing here waits, so nothing is a cancellation point.
     """
-    if lock is False:
+    if lock is False and name is None:
         return RawValue(typecode_or_type, *args)
     ctype = _ctype(typecode_or_type)
+    if name is not None:
+        from ._named_sync import VALUE
+
+        named, its_lock = _named_storage(
+            VALUE, name, mode, lock, (ctype, 1), list(args) if args else None
+        )
+        return _synchronized_value(named, ctype, its_lock)
     segment, the_lock = _storage_and_lock(ctypes.sizeof(ctype), lock)
-    value = SynchronizedValue.__new__(SynchronizedValue)
-    value._attach(segment, ctype)
-    value._lock = the_lock
+    value = _synchronized_value(segment, ctype, the_lock)
     if args:
         value._obj.__init__(*args)
+    return value
+
+
+def _synchronized_value(segment: Segment, ctype: Any, lock: Lock | RLock) -> SynchronizedValue:
+    value = SynchronizedValue.__new__(SynchronizedValue)
+    value._attach(segment, ctype)
+    value._lock = lock
     return value
 
 
@@ -344,6 +477,34 @@ class SynchronizedArray(_Guarded, RawArray):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("use aioshm.Array(...) to make a SynchronizedArray")
 
+    @classmethod
+    def connect(
+        cls,
+        name: str,
+        typecode_or_type: str | type[Any] | None = None,
+        size: int | None = None,
+        *,
+        timeout: float = 0,
+    ) -> SynchronizedArray:
+        """A new handle of the live array named ``name`` (``aioshm.Array.connect`` is
+        this), with its lock. Close it when done (:meth:`close`).
+
+        :param typecode_or_type: if given, the array must hold this type, else
+            ``TypeError``; by default, whatever it holds
+        :param size: if given, the array must have this many items, else ``ValueError``;
+            by default, however many it has. Nothing is joined on a mismatch.
+        :param timeout: as for :meth:`SynchronizedValue.connect`
+        :raises FileNotFoundError: no live array has that name (within ``timeout``)
+        :raises TypeError: the name is of another kind, or the array holds another type
+        :raises ValueError: the name is malformed or a URL, or the length differs
+        """
+        from ._named_sync import ARRAY
+
+        segment, lock, ctype, length = _connect_storage(
+            ARRAY, name, typecode_or_type, size, timeout
+        )
+        return _synchronized_array(segment, ctype, length, lock)
+
 
 def _size_and_initial(size_or_initializer: int | Iterable[Any]) -> tuple[int, list[Any] | None]:
     if isinstance(size_or_initializer, int):
@@ -378,6 +539,8 @@ def Array(
     size_or_initializer: int | Iterable[Any],
     *,
     lock: Literal[True] | Lock | RLock = True,
+    name: str | None = None,
+    mode: int = 0o600,
 ) -> SynchronizedArray: ...
 @overload
 def Array(
@@ -388,6 +551,8 @@ def Array(
     size_or_initializer: int | Iterable[Any],
     *,
     lock: bool | Lock | RLock = True,
+    name: str | None = None,
+    mode: int = 0o600,
 ) -> RawArray:
     """A ctypes array in shared memory (``multiprocessing.Array``, async).
 
@@ -397,21 +562,44 @@ def Array(
     ``False`` for a :class:`RawArray`. ``.numpy()`` is a numpy view of the shared
     memory (no copy).
 
-    :raises ValueError: unknown typecode, or a negative size
-    :raises TypeError: neither a typecode nor a ctypes type, or a bad ``lock``
+    ``name`` and ``mode`` as for :func:`Value`; others join it with
+    ``Array.connect(name)`` (:meth:`SynchronizedArray.connect`), which can check its
+    typecode and length.
+
+    :raises ValueError: unknown typecode, a negative size, or a ``name`` malformed or
+        a URL, or ``lock`` not ``True`` with a ``name``
+    :raises TypeError: neither a typecode nor a ctypes type (with a ``name``: not a
+        typecode's type), or a bad ``lock``
+    :raises FileExistsError: a live object of this user already has that name
     :raises OSError: the platform has no robust process-shared mutexes (not Linux), or
         the shared memory for a new arena cannot be reserved (nothing is left behind)
 
     Nothing here waits, so nothing is a cancellation point.
     """
-    if lock is False:
+    if lock is False and name is None:
         return RawArray(typecode_or_type, size_or_initializer)
     ctype = _ctype(typecode_or_type)
     length, initial = _size_and_initial(size_or_initializer)
+    if name is not None:
+        from ._named_sync import ARRAY
+
+        named, its_lock = _named_storage(ARRAY, name, mode, lock, (ctype, length), initial)
+        return _synchronized_array(named, ctype, length, its_lock)
     segment, the_lock = _storage_and_lock(ctypes.sizeof(ctype) * length, lock)
-    array = SynchronizedArray.__new__(SynchronizedArray)
-    array._attach_array(segment, ctype, length)
-    array._lock = the_lock
+    array = _synchronized_array(segment, ctype, length, the_lock)
     if initial is not None:
         array._obj.__init__(*initial)
     return array
+
+
+def _synchronized_array(
+    segment: Segment, ctype: Any, length: int, lock: Lock | RLock
+) -> SynchronizedArray:
+    array = SynchronizedArray.__new__(SynchronizedArray)
+    array._attach_array(segment, ctype, length)
+    array._lock = lock
+    return array
+
+
+Value.connect = SynchronizedValue.connect  # type: ignore[attr-defined]
+Array.connect = SynchronizedArray.connect  # type: ignore[attr-defined]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing.process
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,3 +65,19 @@ def mutex_held(obj: Any) -> bool:
     thread.start()
     thread.join()
     return result[0] == errno.EBUSY
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m aioshm ARGS``, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "aioshm", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def listed(name: str) -> dict[str, Any]:
+    """The row of ``aioshm list --json`` for ``name`` (there must be exactly one)."""
+    result = cli("list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [row for row in json.loads(result.stdout) if row["name"] == name]
+    assert len(rows) == 1, result.stdout
+    return rows[0]  # type: ignore[no-any-return]

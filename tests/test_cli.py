@@ -9,36 +9,21 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
 import aioshm
 
-from .helpers import wait_until
+from .helpers import cli, listed, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 WORKER = str(Path(__file__).with_name("reach_workers.py"))
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aioshm", *args], capture_output=True, text=True, timeout=60
-    )
-
-
 def fresh() -> str:
     return f"cli-{uuid.uuid4().hex[:12]}"
-
-
-def listed(name: str) -> dict[str, Any]:
-    result = cli("list", "--json")
-    assert result.returncode == 0, result.stderr
-    rows = [row for row in json.loads(result.stdout) if row["name"] == name]
-    assert len(rows) == 1, result.stdout
-    return rows[0]  # type: ignore[no-any-return]
 
 
 def test_a_live_channel_with_its_pids_and_counts() -> None:
@@ -105,7 +90,7 @@ def test_a_stale_channel_after_its_holders_are_killed_and_its_removal() -> None:
     assert json.loads(removed.stdout) == {"name": name, "removed": True, "was_stale": True}
     assert not os.path.exists(f"/dev/shm/aioshm.{name}")
     missing = cli("show", name)
-    assert missing.returncode == 1 and "no channel named" in missing.stderr
+    assert missing.returncode == 1 and "no channel or primitive named" in missing.stderr
 
 
 def test_forced_removal_of_a_live_channel() -> None:
