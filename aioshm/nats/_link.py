@@ -62,6 +62,9 @@ FULL_BACKOFF = 0.02
 CONFIRM_AFTER = 0.25
 #: How long one publish or API request may take before it is retried.
 REQUEST_TIMEOUT = 2.0
+#: An acknowledgement confirmed within this share of ``ack_wait`` after the message
+#: arrived was applied before the server could deliver the message elsewhere.
+ACK_IN_TIME = 0.8
 #: A reservation made while pickling a handle lasts this long unless it is claimed.
 RESERVATION_LIFETIME = 60.0
 _FULL = 10077  # JetStream's "maximum messages exceeded"
@@ -125,6 +128,7 @@ class Link:
         self._last_arrival = 0.0
         self._reconnected_at = -float("inf")
         self._acks: set[asyncio.Task[None]] = set()
+        self.claimer = uuid.uuid4().hex  # this link's token in claims (see _claim)
 
     # ---------------------------------------------------------------- setup
 
@@ -469,15 +473,15 @@ class Link:
 
     # ---------------------------------------------------------------- receiving
 
-    def take_buffered(self, max_items: int) -> list[Msg]:
-        """Messages already here, oldest first (from any thread); the caller must
-        :meth:`acknowledge` them before handing them out."""
+    def take_buffered(self, max_items: int) -> list[tuple[Msg, float]]:
+        """Messages already here with their arrival times, oldest first (from any
+        thread); the caller must :meth:`acknowledge` them before handing them out."""
         with self.lock:
             if self.waiters or not self.buffer:
                 return []
-            taken: list[Msg] = []
+            taken: list[tuple[Msg, float]] = []
             while self.buffer and len(taken) < max_items:
-                taken.append(self.buffer.popleft()[0])
+                taken.append(self.buffer.popleft())
             return taken
 
     def add_waiter(self, call: Call[list[Msg]], max_items: int) -> None:
@@ -574,14 +578,16 @@ class Link:
                 call, n = self.waiters.popleft()
                 if not call.begin():
                     continue
-                batch = [self.buffer.popleft()[0] for _ in range(min(n, len(self.buffer)))]
+                batch = [self.buffer.popleft() for _ in range(min(n, len(self.buffer)))]
                 task = asyncio.get_running_loop().create_task(self._confirm(call, n, batch))
                 self._acks.add(task)
                 task.add_done_callback(self._acks.discard)
             while self.waiters and self.waiters[0][0].state != PENDING:
                 self.waiters.popleft()
 
-    async def _confirm(self, call: Call[list[Msg]], n: int, batch: list[Msg]) -> None:
+    async def _confirm(
+        self, call: Call[list[Msg]], n: int, batch: list[tuple[Msg, float]]
+    ) -> None:
         taken = await self.acknowledge(batch)
         if taken:
             call.settle(taken)
@@ -590,12 +596,11 @@ class Link:
                 self.waiters.appendleft((call, n))
             self._wake()
 
-    async def acknowledge(self, msgs: list[Msg]) -> list[Msg]:
-        """Acknowledge ``msgs`` and wait for the server to confirm; return those it
-        confirmed (one unconfirmed within ``ack_wait`` may have gone to another
-        receiver, so it is not handed out)."""
-        confirmed = await asyncio.gather(*(self._ack(m) for m in msgs))
-        return [m for m, ok in zip(msgs, confirmed, strict=True) if ok]
+    async def acknowledge(self, msgs: list[tuple[Msg, float]]) -> list[Msg]:
+        """Acknowledge ``msgs`` (with their arrival times) and wait for the server to
+        confirm; return those that are this process's to hand out (see :meth:`_ack`)."""
+        confirmed = await asyncio.gather(*(self._ack(m, at) for m, at in msgs))
+        return [m for (m, _), ok in zip(msgs, confirmed, strict=True) if ok]
 
     async def _reconnected(self) -> None:
         """Back from a disconnection: re-publish this process's handles now."""
@@ -625,21 +630,66 @@ class Link:
                         call.fail(EndOfStream())
                 self.waiters.clear()
 
-    async def _ack(self, msg: Msg) -> bool:
-        deadline = time.monotonic() + self.ack_wait * 0.8
+    async def _ack(self, msg: Msg, arrived: float) -> bool:
+        """Acknowledge ``msg`` and wait until a server confirms: whether it is ours.
+
+        An acknowledgement whose reply is lost may still have been applied (the
+        message is then deleted, and nobody else gets it), so it is retried until a
+        server answers, however long no server is reachable: giving up would lose
+        such a message. A server confirms an acknowledgement of a message that is
+        no longer pending too, so a confirmation alone does not tell whether the
+        message went to another receiver meanwhile. It cannot have, if the
+        confirmation came within ``ack_wait`` of the delivery (here: within 0.8
+        ``ack_wait`` of its arrival), and the message was delivered for the first
+        time. Otherwise (a late confirmation, or a message delivered again) the
+        receivers that may hold it settle who gets it with a claim (:meth:`_claim`).
+        """
+        timeout = min(REQUEST_TIMEOUT, self.ack_wait / 4)
         while True:
             try:
-                await msg.ack_sync(timeout=min(REQUEST_TIMEOUT, self.ack_wait / 4))
+                await msg.ack_sync(timeout=timeout)
                 break
             except nats.errors.MsgAlreadyAckdError:
                 break
             except (nats.errors.Error, OSError, TimeoutError):
-                if time.monotonic() > deadline:
-                    return False
+                if self.nc.is_closed:
+                    return False  # closing: redelivered after ack_wait, if not applied
                 await asyncio.sleep(0.02)
+        in_time = time.monotonic() <= arrived + self.ack_wait * ACK_IN_TIME
+        if (msg.metadata.num_delivered > 1 or not in_time) and not await self._claim(msg):
+            return False
         if msg.metadata.num_delivered > 1:
             await self._event("redelivered", msg)
         return True
+
+    async def _claim(self, msg: Msg) -> bool:
+        """Claim ``msg`` for this process: ``True`` for the first claimant of its
+        stream sequence, in every process; ``False`` for the others.
+
+        A claim is a message on the events stream with subject ``claim.<seq>``,
+        stored only if the subject has none yet. A claim retried after a lost reply is
+        refused as a second one: the stored claim's token then says whose it is.
+        """
+        seq = msg.metadata.sequence.stream
+        subject = f"{self.ev_prefix}.claim.{seq}"
+        token = f"{self.claimer}.{msg.metadata.num_delivered}".encode()
+        headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        while True:
+            try:
+                try:
+                    await self.js.publish(
+                        subject, token, timeout=REQUEST_TIMEOUT, headers=headers
+                    )
+                    return True
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != _WRONG_LAST:
+                        raise
+                stored = await self.js.get_last_msg(self.ev_stream, subject)
+                return bool(stored.data == token)
+            except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError):
+                if self.nc.is_closed:
+                    return False
+                await asyncio.sleep(0.05)
 
     async def _event(self, kind: str, msg: Msg) -> None:
         meta = msg.metadata
