@@ -481,8 +481,6 @@ def test_late_acknowledgement_of_a_message_delivered_again_elsewhere(
         assert rx.statistics().redelivered_messages == 1
 
 
-
-
 def test_restarted_server_keeps_file_backed_messages(own_server: LocalServer) -> None:
     tx, rx = aioshm.open_channel(name=channel_url(own_server, "heartbeat=30"), capacity=8)
     with tx, rx:

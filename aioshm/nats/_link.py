@@ -585,9 +585,7 @@ class Link:
             while self.waiters and self.waiters[0][0].state != PENDING:
                 self.waiters.popleft()
 
-    async def _confirm(
-        self, call: Call[list[Msg]], n: int, batch: list[tuple[Msg, float]]
-    ) -> None:
+    async def _confirm(self, call: Call[list[Msg]], n: int, batch: list[tuple[Msg, float]]) -> None:
         taken = await self.acknowledge(batch)
         if taken:
             call.settle(taken)
@@ -677,9 +675,7 @@ class Link:
         while True:
             try:
                 try:
-                    await self.js.publish(
-                        subject, token, timeout=REQUEST_TIMEOUT, headers=headers
-                    )
+                    await self.js.publish(subject, token, timeout=REQUEST_TIMEOUT, headers=headers)
                     return True
                 except nats.js.errors.APIError as exc:
                     if exc.err_code != _WRONG_LAST:
