@@ -13,7 +13,10 @@ Server-side layout of a channel ``C`` (created by ``open_channel``):
   (``h.s.<id>`` for senders, ``h.r.<id>`` for receivers), one message per subject, and
   ``max_age = heartbeat``. Each process re-publishes its handles' subjects four times per
   ``heartbeat``; closing a handle purges its subject; a dead process's subjects expire.
-  Counting subjects counts open handles.
+  Counting subjects counts open handles. A count that drops a side to none is believed
+  only while this process's own heartbeats are being stored, and have been for a beat:
+  while the stream has no leader (a server fault), every process's beats are lost and
+  live handles expire too, until their next beat.
 * stream ``AIOSHM_C_E`` on ``aioshm.C.e.>``: events counted by ``statistics()``.
 """
 
@@ -60,6 +63,9 @@ EOS_EVERY = 0.2
 FULL_BACKOFF = 0.02
 #: A count of handles that drops to none is confirmed by asking again after this long.
 CONFIRM_AFTER = 0.25
+#: After this process's heartbeats failed, a count of none is believed again only once
+#: they have been stored for a beat (a quarter of ``heartbeat``) and this much more.
+BEAT_SLACK = 0.5
 #: How long one publish or API request may take before it is retried.
 REQUEST_TIMEOUT = 2.0
 #: An acknowledgement confirmed within this share of ``ack_wait`` after the message
@@ -113,6 +119,8 @@ class Link:
         self.counts = Counts(1, 1)
         self.counted_at = 0.0
         self._beat: asyncio.Task[None] | None = None
+        self._beats_ok = True  # this process's last heartbeats were stored
+        self._beats_ok_since = -float("inf")
         # receiving
         self.lock = threading.Lock()
         self.waiters: deque[tuple[Call[list[Msg]], int]] = deque()
@@ -377,9 +385,36 @@ class Link:
         if (counts.senders == 0 < before.senders) or (counts.receivers == 0 < before.receivers):
             await asyncio.sleep(CONFIRM_AFTER)
             counts = await self._count()
+            if not self.beats_trusted():  # live handles may have expired with the leader
+                counts = Counts(
+                    counts.senders or before.senders, counts.receivers or before.receivers
+                )
         self.counts = counts
         self.counted_at = time.monotonic()
         return counts
+
+    def beats_trusted(self) -> bool:
+        """Whether handles missing from the registry are gone: this process's own
+        heartbeats have been stored for a beat, so the others' would have been too."""
+        settled = self.heartbeat / 4 + BEAT_SLACK
+        return self._beats_ok and time.monotonic() - self._beats_ok_since >= settled
+
+    async def _beat_owned(self) -> None:
+        """Re-publish this process's handles' subjects, and note whether the stream
+        stored them (see :meth:`beats_trusted`)."""
+        subjects = list(self.owned)
+        if not subjects:
+            return
+        # Concurrent publishes: a slow reply does not delay the other handles' beats.
+        results = await asyncio.gather(
+            *(self.js.publish(s, b"open", timeout=self.heartbeat / 4) for s in subjects),
+            return_exceptions=True,
+        )
+        if any(isinstance(result, BaseException) for result in results):
+            self._beats_ok = False
+        elif not self._beats_ok:
+            self._beats_ok = True
+            self._beats_ok_since = time.monotonic()
 
     async def _count(self) -> Counts:
         info = await self.js.stream_info(self.hb_stream, subjects_filter=f"{self.hb_prefix}.>")
@@ -396,11 +431,7 @@ class Link:
         while True:
             await asyncio.sleep(self.heartbeat / 4)
             try:
-                # Plain publishes, stored by the stream without a reply to wait for: a
-                # slow reply must not delay the other handles' beats.
-                for subject in list(self.owned):
-                    await self.nc.publish(subject, b"open")
-                await self.nc.flush(timeout=REQUEST_TIMEOUT)
+                await self._beat_owned()
                 now = time.monotonic()
                 for subject, (seq, deadline) in list(self.reservations.items()):
                     if now > deadline:
@@ -453,11 +484,16 @@ class Link:
                 if exc.err_code == _MSG_TOO_BIG:
                     call.fail(ValueError(f"the server refused the message: {exc.description}"))
                     return
-                if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                if (
+                    isinstance(exc, nats.js.errors.ServiceUnavailableError)
+                    or (exc.code or 0) >= 500
+                ):
                     committed = True  # no leader right now: unknown whether stored
                     await asyncio.sleep(0.05)
                     continue
-                call.fail(OSError(f"publishing to {self.address.url} failed: {exc!r}"))
+                call.fail(
+                    OSError(f"publishing to {self.address.url} failed: {type(exc).__name__}: {exc}")
+                )
                 return
             except (nats.errors.Error, OSError, TimeoutError):
                 # Lost request or reply, or no server: the same id is stored once.
