@@ -620,10 +620,11 @@ def test_across_machines_example_with_a_url(server: LocalServer) -> None:
 
 
 @pytest.mark.slow
-def test_network_benchmark_runs() -> None:
+@pytest.mark.parametrize("module", ["aioshm.bench.network", "aioshm.bench --network"])
+def test_network_benchmark_runs(module: str) -> None:
     from .test_examples import run
 
-    result = run("-m", "aioshm.bench.network", "--quick")
+    result = run("-m", *module.split(), "--quick")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for label in ("10 x float64", "8 MiB array"):
