@@ -17,7 +17,10 @@ Server-side layout of a channel ``C`` (created by ``open_channel``):
   only while this process's own heartbeats are being stored, and have been for a beat:
   while the stream has no leader (a server fault), every process's beats are lost and
   live handles expire too, until their next beat.
-* stream ``AIOSHM_C_E`` on ``aioshm.C.e.>``: events counted by ``statistics()``.
+* stream ``AIOSHM_C_E`` on ``aioshm.C.e.>``: events counted by ``statistics()``, and
+  claims (``e.claim.<seq>``, one message each) that settle which receiver returns a
+  message delivered again, or whose acknowledgement was confirmed late (see
+  ``Link._ack``).
 """
 
 from __future__ import annotations
