@@ -7,6 +7,8 @@ a temporary directory, and killed at teardown; every test uses a channel of its 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -419,6 +421,66 @@ def _recv_or_none(rx: aioshm.nats.ReceiveChannel[Any]) -> Any:
 # ---------------------------------------------------------------- server faults
 
 
+async def _deliver_without_ack(link: Any) -> Any:
+    """One message of ``link``'s channel, delivered (on the bridge loop) to a
+    connection of its own and not acknowledged: a receiver's copy of it."""
+    import nats
+
+    nc = await nats.connect(link.address.servers[0])
+    sub = await nc.jetstream().pull_subscribe_bind(link.consumer, link.stream)
+    [msg] = await sub.fetch(1, timeout=10)
+    await nc.close()
+    msg._client = link.nc  # acknowledged through the link, as the link's own would be
+    return msg
+
+
+def test_acknowledgement_applied_but_unconfirmed_while_no_server_answers(
+    own_server: LocalServer,
+) -> None:
+    """The reply to an applied acknowledgement is lost, and no server answers for
+    longer than ``ack_wait``: the message is the receiver's still (it is gone from the
+    server, so giving up on it would lose it)."""
+    from aioshm.nats import _bridge
+
+    url = channel_url(own_server, "ack_wait=1&heartbeat=30")
+    tx, rx = aioshm.open_channel(name=url, capacity=8)
+    with tx, rx:
+        tx.send_blocking("only", 10)
+        link = rx._link
+        msg = _bridge.run(_deliver_without_ack(link), 20)
+        arrived = time.monotonic()
+        _bridge.run(link.nc.request(msg.reply, b"+ACK", timeout=5), 10)  # applied...
+        assert own_server.process is not None
+        own_server.process.send_signal(signal.SIGSTOP)  # ...and no server answers
+        try:
+            pending = _bridge.submit(link.acknowledge([(msg, arrived)]))
+            # The outage outlasts ack_wait, and every retry so far went unanswered.
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                pending.result(link.ack_wait * 2)
+        finally:
+            own_server.process.send_signal(signal.SIGCONT)
+        assert pending.result(30) == [msg]
+
+
+def test_late_acknowledgement_of_a_message_delivered_again_elsewhere(
+    server: LocalServer,
+) -> None:
+    """A receiver's acknowledgement is confirmed after ``ack_wait``, when the message
+    went to another receiver that returned it: the late one does not return it too."""
+    from aioshm.nats import _bridge
+
+    url = channel_url(server, "ack_wait=1&heartbeat=30")
+    tx, rx = aioshm.open_channel(name=url, capacity=8)
+    with tx, rx:
+        tx.send_blocking("once", 10)
+        link = rx._link
+        first = _bridge.run(_deliver_without_ack(link), 20)
+        arrived = time.monotonic()
+        assert rx.recv_blocking(30) == "once"  # delivered again, after ack_wait
+        assert _bridge.run(link.acknowledge([(first, arrived)]), 30) == []
+        assert rx.statistics().redelivered_messages == 1
+
+
 def test_restarted_server_keeps_file_backed_messages(own_server: LocalServer) -> None:
     tx, rx = aioshm.open_channel(name=channel_url(own_server, "heartbeat=30"), capacity=8)
     with tx, rx:
@@ -558,10 +620,11 @@ def test_across_machines_example_with_a_url(server: LocalServer) -> None:
 
 
 @pytest.mark.slow
-def test_network_benchmark_runs() -> None:
+@pytest.mark.parametrize("module", ["aioshm.bench.network", "aioshm.bench --network"])
+def test_network_benchmark_runs(module: str) -> None:
     from .test_examples import run
 
-    result = run("-m", "aioshm.bench.network", "--quick")
+    result = run("-m", *module.split(), "--quick")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for label in ("10 x float64", "8 MiB array"):

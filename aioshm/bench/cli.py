@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         help="instead, measure the CPU that processes idle in recv cost (4, 16 and 64 of "
         "them, 10 s each; python -m aioshm.bench.idle --help for more)",
     )
+    parser.add_argument(
+        "--network",
+        action="store_true",
+        help="instead, the network section: aioshm over NATS JetStream against raw "
+        "nats-py JetStream and pyzmq, on loopback (needs aioshm[nats]; with --quick, a "
+        "smoke run; python -m aioshm.bench.network --help for more)",
+    )
     return parser
 
 
@@ -95,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .idle import main as idle
 
         return idle([])
+    if args.network:
+        from .network import main as network
+
+        return network(["--quick"] if args.quick else [])
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else DEFAULT_ROUNDS)
     if rounds < 1:
         _parser().error("--rounds must be at least 1")

@@ -379,9 +379,8 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         :raises anyio.ClosedResourceError: this handle is closed
         """
         link = self._usable_link()
-        msgs = link.take_buffered(1)
-        if msgs:
-            msgs = _bridge.run(link.acknowledge(msgs))
+        taken = link.take_buffered(1)
+        msgs = _bridge.run(link.acknowledge(taken)) if taken else []
         if not msgs:
             raise WouldBlock
         return self._decode(msgs)[0]  # type: ignore[no-any-return]

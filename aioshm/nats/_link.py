@@ -13,8 +13,14 @@ Server-side layout of a channel ``C`` (created by ``open_channel``):
   (``h.s.<id>`` for senders, ``h.r.<id>`` for receivers), one message per subject, and
   ``max_age = heartbeat``. Each process re-publishes its handles' subjects four times per
   ``heartbeat``; closing a handle purges its subject; a dead process's subjects expire.
-  Counting subjects counts open handles.
-* stream ``AIOSHM_C_E`` on ``aioshm.C.e.>``: events counted by ``statistics()``.
+  Counting subjects counts open handles. A count that drops a side to none is believed
+  only while this process's own heartbeats are being stored, and have been for a beat:
+  while the stream has no leader (a server fault), every process's beats are lost and
+  live handles expire too, until their next beat.
+* stream ``AIOSHM_C_E`` on ``aioshm.C.e.>``: events counted by ``statistics()``, and
+  claims (``e.claim.<seq>``, one message each) that settle which receiver returns a
+  message delivered again, or whose acknowledgement was confirmed late (see
+  ``Link._ack``).
 """
 
 from __future__ import annotations
@@ -60,8 +66,14 @@ EOS_EVERY = 0.2
 FULL_BACKOFF = 0.02
 #: A count of handles that drops to none is confirmed by asking again after this long.
 CONFIRM_AFTER = 0.25
+#: After this process's heartbeats failed, a count of none is believed again only once
+#: they have been stored for a beat (a quarter of ``heartbeat``) and this much more.
+BEAT_SLACK = 0.5
 #: How long one publish or API request may take before it is retried.
 REQUEST_TIMEOUT = 2.0
+#: An acknowledgement confirmed within this share of ``ack_wait`` after the message
+#: arrived was applied before the server could deliver the message elsewhere.
+ACK_IN_TIME = 0.8
 #: A reservation made while pickling a handle lasts this long unless it is claimed.
 RESERVATION_LIFETIME = 60.0
 _FULL = 10077  # JetStream's "maximum messages exceeded"
@@ -110,6 +122,8 @@ class Link:
         self.counts = Counts(1, 1)
         self.counted_at = 0.0
         self._beat: asyncio.Task[None] | None = None
+        self._beats_ok = True  # this process's last heartbeats were stored
+        self._beats_ok_since = -float("inf")
         # receiving
         self.lock = threading.Lock()
         self.waiters: deque[tuple[Call[list[Msg]], int]] = deque()
@@ -125,6 +139,7 @@ class Link:
         self._last_arrival = 0.0
         self._reconnected_at = -float("inf")
         self._acks: set[asyncio.Task[None]] = set()
+        self.claimer = uuid.uuid4().hex  # this link's token in claims (see _claim)
 
     # ---------------------------------------------------------------- setup
 
@@ -373,9 +388,36 @@ class Link:
         if (counts.senders == 0 < before.senders) or (counts.receivers == 0 < before.receivers):
             await asyncio.sleep(CONFIRM_AFTER)
             counts = await self._count()
+            if not self.beats_trusted():  # live handles may have expired with the leader
+                counts = Counts(
+                    counts.senders or before.senders, counts.receivers or before.receivers
+                )
         self.counts = counts
         self.counted_at = time.monotonic()
         return counts
+
+    def beats_trusted(self) -> bool:
+        """Whether handles missing from the registry are gone: this process's own
+        heartbeats have been stored for a beat, so the others' would have been too."""
+        settled = self.heartbeat / 4 + BEAT_SLACK
+        return self._beats_ok and time.monotonic() - self._beats_ok_since >= settled
+
+    async def _beat_owned(self) -> None:
+        """Re-publish this process's handles' subjects, and note whether the stream
+        stored them (see :meth:`beats_trusted`)."""
+        subjects = list(self.owned)
+        if not subjects:
+            return
+        # Concurrent publishes: a slow reply does not delay the other handles' beats.
+        results = await asyncio.gather(
+            *(self.js.publish(s, b"open", timeout=self.heartbeat / 4) for s in subjects),
+            return_exceptions=True,
+        )
+        if any(isinstance(result, BaseException) for result in results):
+            self._beats_ok = False
+        elif not self._beats_ok:
+            self._beats_ok = True
+            self._beats_ok_since = time.monotonic()
 
     async def _count(self) -> Counts:
         info = await self.js.stream_info(self.hb_stream, subjects_filter=f"{self.hb_prefix}.>")
@@ -392,11 +434,7 @@ class Link:
         while True:
             await asyncio.sleep(self.heartbeat / 4)
             try:
-                # Plain publishes, stored by the stream without a reply to wait for: a
-                # slow reply must not delay the other handles' beats.
-                for subject in list(self.owned):
-                    await self.nc.publish(subject, b"open")
-                await self.nc.flush(timeout=REQUEST_TIMEOUT)
+                await self._beat_owned()
                 now = time.monotonic()
                 for subject, (seq, deadline) in list(self.reservations.items()):
                     if now > deadline:
@@ -449,11 +487,16 @@ class Link:
                 if exc.err_code == _MSG_TOO_BIG:
                     call.fail(ValueError(f"the server refused the message: {exc.description}"))
                     return
-                if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                if (
+                    isinstance(exc, nats.js.errors.ServiceUnavailableError)
+                    or (exc.code or 0) >= 500
+                ):
                     committed = True  # no leader right now: unknown whether stored
                     await asyncio.sleep(0.05)
                     continue
-                call.fail(OSError(f"publishing to {self.address.url} failed: {exc!r}"))
+                call.fail(
+                    OSError(f"publishing to {self.address.url} failed: {type(exc).__name__}: {exc}")
+                )
                 return
             except (nats.errors.Error, OSError, TimeoutError):
                 # Lost request or reply, or no server: the same id is stored once.
@@ -469,15 +512,15 @@ class Link:
 
     # ---------------------------------------------------------------- receiving
 
-    def take_buffered(self, max_items: int) -> list[Msg]:
-        """Messages already here, oldest first (from any thread); the caller must
-        :meth:`acknowledge` them before handing them out."""
+    def take_buffered(self, max_items: int) -> list[tuple[Msg, float]]:
+        """Messages already here with their arrival times, oldest first (from any
+        thread); the caller must :meth:`acknowledge` them before handing them out."""
         with self.lock:
             if self.waiters or not self.buffer:
                 return []
-            taken: list[Msg] = []
+            taken: list[tuple[Msg, float]] = []
             while self.buffer and len(taken) < max_items:
-                taken.append(self.buffer.popleft()[0])
+                taken.append(self.buffer.popleft())
             return taken
 
     def add_waiter(self, call: Call[list[Msg]], max_items: int) -> None:
@@ -574,14 +617,14 @@ class Link:
                 call, n = self.waiters.popleft()
                 if not call.begin():
                     continue
-                batch = [self.buffer.popleft()[0] for _ in range(min(n, len(self.buffer)))]
+                batch = [self.buffer.popleft() for _ in range(min(n, len(self.buffer)))]
                 task = asyncio.get_running_loop().create_task(self._confirm(call, n, batch))
                 self._acks.add(task)
                 task.add_done_callback(self._acks.discard)
             while self.waiters and self.waiters[0][0].state != PENDING:
                 self.waiters.popleft()
 
-    async def _confirm(self, call: Call[list[Msg]], n: int, batch: list[Msg]) -> None:
+    async def _confirm(self, call: Call[list[Msg]], n: int, batch: list[tuple[Msg, float]]) -> None:
         taken = await self.acknowledge(batch)
         if taken:
             call.settle(taken)
@@ -590,12 +633,11 @@ class Link:
                 self.waiters.appendleft((call, n))
             self._wake()
 
-    async def acknowledge(self, msgs: list[Msg]) -> list[Msg]:
-        """Acknowledge ``msgs`` and wait for the server to confirm; return those it
-        confirmed (one unconfirmed within ``ack_wait`` may have gone to another
-        receiver, so it is not handed out)."""
-        confirmed = await asyncio.gather(*(self._ack(m) for m in msgs))
-        return [m for m, ok in zip(msgs, confirmed, strict=True) if ok]
+    async def acknowledge(self, msgs: list[tuple[Msg, float]]) -> list[Msg]:
+        """Acknowledge ``msgs`` (with their arrival times) and wait for the server to
+        confirm; return those that are this process's to hand out (see :meth:`_ack`)."""
+        confirmed = await asyncio.gather(*(self._ack(m, at) for m, at in msgs))
+        return [m for (m, _), ok in zip(msgs, confirmed, strict=True) if ok]
 
     async def _reconnected(self) -> None:
         """Back from a disconnection: re-publish this process's handles now."""
@@ -625,21 +667,64 @@ class Link:
                         call.fail(EndOfStream())
                 self.waiters.clear()
 
-    async def _ack(self, msg: Msg) -> bool:
-        deadline = time.monotonic() + self.ack_wait * 0.8
+    async def _ack(self, msg: Msg, arrived: float) -> bool:
+        """Acknowledge ``msg`` and wait until a server confirms: whether it is ours.
+
+        An acknowledgement whose reply is lost may still have been applied (the
+        message is then deleted, and nobody else gets it), so it is retried until a
+        server answers, however long no server is reachable: giving up would lose
+        such a message. A server confirms an acknowledgement of a message that is
+        no longer pending too, so a confirmation alone does not tell whether the
+        message went to another receiver meanwhile. It cannot have, if the
+        confirmation came within ``ack_wait`` of the delivery (here: within 0.8
+        ``ack_wait`` of its arrival), and the message was delivered for the first
+        time. Otherwise (a late confirmation, or a message delivered again) the
+        receivers that may hold it settle who gets it with a claim (:meth:`_claim`).
+        """
+        timeout = min(REQUEST_TIMEOUT, self.ack_wait / 4)
         while True:
             try:
-                await msg.ack_sync(timeout=min(REQUEST_TIMEOUT, self.ack_wait / 4))
+                await msg.ack_sync(timeout=timeout)
                 break
             except nats.errors.MsgAlreadyAckdError:
                 break
             except (nats.errors.Error, OSError, TimeoutError):
-                if time.monotonic() > deadline:
-                    return False
+                if self.nc.is_closed:
+                    return False  # closing: redelivered after ack_wait, if not applied
                 await asyncio.sleep(0.02)
+        in_time = time.monotonic() <= arrived + self.ack_wait * ACK_IN_TIME
+        if (msg.metadata.num_delivered > 1 or not in_time) and not await self._claim(msg):
+            return False
         if msg.metadata.num_delivered > 1:
             await self._event("redelivered", msg)
         return True
+
+    async def _claim(self, msg: Msg) -> bool:
+        """Claim ``msg`` for this process: ``True`` for the first claimant of its
+        stream sequence, in every process; ``False`` for the others.
+
+        A claim is a message on the events stream with subject ``claim.<seq>``,
+        stored only if the subject has none yet. A claim retried after a lost reply is
+        refused as a second one: the stored claim's token then says whose it is.
+        """
+        seq = msg.metadata.sequence.stream
+        subject = f"{self.ev_prefix}.claim.{seq}"
+        token = f"{self.claimer}.{msg.metadata.num_delivered}".encode()
+        headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        while True:
+            try:
+                try:
+                    await self.js.publish(subject, token, timeout=REQUEST_TIMEOUT, headers=headers)
+                    return True
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != _WRONG_LAST:
+                        raise
+                stored = await self.js.get_last_msg(self.ev_stream, subject)
+                return bool(stored.data == token)
+            except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError):
+                if self.nc.is_closed:
+                    return False
+                await asyncio.sleep(0.05)
 
     async def _event(self, kind: str, msg: Msg) -> None:
         meta = msg.metadata
