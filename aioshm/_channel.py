@@ -41,6 +41,7 @@ from anyio.lowlevel import checkpoint
 
 from . import _names, _ownership
 from ._checkpoint import YIELD_EVERY, cancel_pending
+from ._closing import Closing
 from ._codec import Message, copy_into, decode, encode, loan_layout, too_large_advice, view
 from ._layout import HEADER_RESERVE, UID
 from ._posix import Reentered, supported
@@ -167,7 +168,7 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_reset_channels_in_child)
 
 
-class _Handle:
+class _Handle(Closing):
     """What send and receive handles share: ownership, closing, statistics."""
 
     _side: int
@@ -245,21 +246,6 @@ class _Handle:
         if self._channel.blocking[self._side]:
             self._queue.wake_all(self._side)
         self._channel.closed()
-
-    async def aclose(self) -> None:
-        """Close this handle (see :meth:`close`)."""
-        self.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _retire(self) -> None:
         """Mark this handle closed and, if it was this process's, stop counting it."""

@@ -19,7 +19,6 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any, Generic, NoReturn, Self, TypeVar
 
 from anyio import ClosedResourceError, WouldBlock
@@ -28,6 +27,7 @@ from nats.aio.msg import Msg
 
 from aioshm import _ownership
 from aioshm._channel import ChannelStatistics, _note_partial
+from aioshm._closing import Closing
 from aioshm._codec import decode, encode_bytes
 from aioshm.nats import _bridge
 from aioshm.nats._call import PENDING, Call
@@ -59,7 +59,7 @@ class _NoPending:
 _NO_PENDING = _NoPending()
 
 
-class _Handle:
+class _Handle(Closing):
     """What send and receive handles share: ownership, closing, statistics."""
 
     _side = ""
@@ -148,21 +148,6 @@ class _Handle:
             return
         with contextlib.suppress(Exception):  # then it expires after one heartbeat
             _bridge.run(link.unregister(self._subject), timeout=REQUEST_TIMEOUT)
-
-    async def aclose(self) -> None:
-        """Close this handle (see :meth:`close`)."""
-        self.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_owned", False) and not self._closed:

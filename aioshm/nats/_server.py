@@ -26,8 +26,9 @@ import urllib.request
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
+
+from aioshm._closing import Closing
 
 __all__ = ["LocalCluster", "LocalServer", "find_server_binary", "free_port"]
 
@@ -77,7 +78,7 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
-class LocalServer:
+class LocalServer(Closing):
     """One ``nats-server`` with JetStream on loopback.
 
     :param store_dir: where JetStream keeps its files (a new temporary directory,
@@ -210,16 +211,8 @@ class LocalServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
-
-class LocalCluster:
+class LocalCluster(Closing):
     """``size`` ``nats-server`` nodes in one JetStream cluster on loopback."""
 
     def __init__(self, size: int = 3, store_dir: str | os.PathLike[str] | None = None) -> None:
@@ -258,11 +251,3 @@ class LocalCluster:
 
     def __enter__(self) -> Self:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.close()
