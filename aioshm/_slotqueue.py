@@ -76,8 +76,9 @@ LOCKED_COPY_LIMIT: Final = 64 * 1024
 
 T = TypeVar("T")
 #: Turns a message's bytes into a value; ``owned`` says the bytes are a private copy
-#: (the value may keep pointing into them) rather than the slot itself.
-Reader = Callable[[memoryview, bool], T]
+#: (a ``bytearray``, which the value may keep pointing into) rather than the slot itself
+#: (a ``memoryview``).
+Reader = Callable[[memoryview | bytearray, bool], T]
 
 
 class Message(Protocol):
@@ -420,7 +421,7 @@ class SlotQueue(SharedObject):
             got = self.locked(self._get_locked, owner)
         if type(got) is bytearray:  # a small message, copied out
             try:
-                return read(memoryview(got), True)
+                return read(got, True)
             except Exception as exc:
                 self.locked(self._count_dropped_locked, 1)
                 raise MessageDropped.of(exc) from exc
@@ -486,7 +487,7 @@ class SlotQueue(SharedObject):
         undecodable = 0
         for copy in copies:
             try:
-                received.append(read(memoryview(copy), True))
+                received.append(read(copy, True))
             except Exception as exc:
                 errors.append(exc)
                 undecodable += 1
