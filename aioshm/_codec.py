@@ -236,13 +236,17 @@ def loan_layout(
 class _Image:
     """A small message written from one prebuilt image of header and payload."""
 
-    __slots__ = ("image", "length", "size", "start")
+    __slots__ = ("image", "length", "start")
 
     def __init__(self, start: int, length: int, image: bytes) -> None:
         self.start = start
         self.length = length
-        self.size = length - HEADER_RESERVE
         self.image = image
+
+    @property
+    def size(self) -> int:
+        """The encoded size (computed when asked: one of these is made per message)."""
+        return self.length - HEADER_RESERVE
 
     def write(self, slot: memoryview) -> None:
         slot[self.start : self.length] = self.image
@@ -264,7 +268,7 @@ class _ArrayPlan:
         self.order: Literal["C", "F"] = "F" if fortran else "C"
 
 
-_plans: dict[tuple[np.dtype[Any], tuple[int, ...], bool], _ArrayPlan] = {}
+_plans: dict[tuple[np.dtype[Any], tuple[int, ...], tuple[int, ...]], _ArrayPlan] = {}
 
 #: A message ready to be written into a slot.
 Message = Encoded | _Image
@@ -278,17 +282,22 @@ def encode(obj: object, limit: int) -> Message:
     kind = type(obj)
     if kind is np.ndarray:
         array: Array = obj  # type: ignore[assignment]
-        flags = array.flags
-        fortran = not flags.c_contiguous and flags.f_contiguous
         dtype = array.dtype
-        key = (dtype, array.shape, fortran)
+        # Keyed on the strides, which (with the shape and itemsize) decide the memory
+        # order: cheaper than asking for the array's flags on every message.
+        key = (dtype, array.shape, array.strides)
         plan = _plans.get(key)
-        if plan is not None and plan.dtype is not dtype and not _same_dtype(plan.dtype, dtype):
-            plan = _ArrayPlan(*key)  # equal to a cached dtype but for its metadata
-        elif plan is None and not dtype.hasobject:
-            if len(_plans) >= _CACHE_LIMIT:
-                _plans.clear()
-            plan = _plans[key] = _ArrayPlan(*key)
+        if plan is None or (plan.dtype is not dtype and not _same_dtype(plan.dtype, dtype)):
+            flags = array.flags
+            fortran = not flags.c_contiguous and flags.f_contiguous
+            if dtype.hasobject:
+                plan = None
+            elif plan is not None:
+                plan = _ArrayPlan(dtype, array.shape, fortran)  # equal but for metadata
+            else:
+                if len(_plans) >= _CACHE_LIMIT:
+                    _plans.clear()
+                plan = _plans[key] = _ArrayPlan(dtype, array.shape, fortran)
         if plan is not None:
             if plan.size > limit:
                 _check_size(plan.size, limit, f"an array of {plan.nbytes} bytes")
@@ -484,7 +493,16 @@ def decode(message: memoryview | bytearray, owned: bool) -> Any:
     except IndexError:
         raise _corrupt("an empty message") from None
     if kind == ARRAY:
-        array = _array_view(message, _array_info(message))
+        # The hot path, inlined: a header seen before, in a message of the right length
+        # (anything else goes through _array_info, which checks and explains).
+        try:
+            info = _info_cache.get(bytes(message[: message[2] | message[3] << 8]))
+        except IndexError:
+            info = None
+        if info is None or info.length != len(message):
+            info = _array_info(message)
+        # Positional arguments: numpy parses keywords to ndarray() at twice the cost.
+        array = np.ndarray(info.shape, info.dtype, message, info.offset, None, info.order)
         return array if owned else array.copy(order="K")
     if kind == BYTES:
         offset, length = _bytes_span(message)

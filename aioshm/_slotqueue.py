@@ -29,8 +29,11 @@ blocking forms and the async wait bridge (layer 3) sleep on the doorbells in bet
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Final, NamedTuple, NoReturn, Protocol, Self, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn, Protocol, Self, TypeVar
 
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 
@@ -54,7 +57,11 @@ from ._layout import (
     TAIL,
     Segment,
 )
+from ._posix import _MUTEX_T, _SEM_T, SEM_SIZE
 from ._shared import INFINITE, RECV, SEND, SharedObject
+
+if TYPE_CHECKING:
+    from ._speedups import FastQueue
 
 __all__ = ["LOCKED_COPY_LIMIT", "CorruptMessage", "MessageDropped", "QueueCounters", "SlotQueue"]
 
@@ -69,8 +76,9 @@ LOCKED_COPY_LIMIT: Final = 64 * 1024
 
 T = TypeVar("T")
 #: Turns a message's bytes into a value; ``owned`` says the bytes are a private copy
-#: (the value may keep pointing into them) rather than the slot itself.
-Reader = Callable[[memoryview, bool], T]
+#: (a ``bytearray``, which the value may keep pointing into) rather than the slot itself
+#: (a ``memoryview``).
+Reader = Callable[[memoryview | bytearray, bool], T]
 
 
 class Message(Protocol):
@@ -85,6 +93,51 @@ class Message(Protocol):
 _DONE, _FULL, _BROKEN, _EMPTY, _ENDED, _CLAIMED, _CLOSED, _CORRUPT = range(8)
 #: A put's outcome ``_CLAIMED_SLOT + slot``: a large message's slot, claimed.
 _CLAIMED_SLOT: Final = 16
+
+
+def _load_speedups() -> ModuleType | None:
+    """The C hot path (:mod:`aioshm._speedups`), or ``None``: not built, forced off by
+    ``AIOSHM_PURE_PYTHON=1``, or built against other field numbers or C types."""
+    if os.environ.get("AIOSHM_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    expected = {
+        "HEAD": HEAD,
+        "TAIL": TAIL,
+        "NFREE": NFREE,
+        "OPEN": OPEN,
+        "SLEEPERS": SLEEPERS,
+        "ENDED": ENDED,
+        "SLOT_STATE": SLOT_STATE,
+        "SLOT_OWNER": SLOT_OWNER,
+        "SLOT_START": SLOT_START,
+        "SLOT_LENGTH": SLOT_LENGTH,
+        "SLOT_FIELDS": SLOT_FIELDS,
+        "FREE": FREE,
+        "READY": READY,
+        "READING": READING,
+        "SEND": SEND,
+        "RECV": RECV,
+        "_DONE": _DONE,
+        "_FULL": _FULL,
+        "_BROKEN": _BROKEN,
+        "_EMPTY": _EMPTY,
+        "_ENDED": _ENDED,
+        "_CLOSED": _CLOSED,
+        "LOCKED_COPY_LIMIT": LOCKED_COPY_LIMIT,
+        "sizeof(pthread_mutex_t)": _MUTEX_T,
+        "sizeof(sem_t)": _SEM_T,
+    }
+    if expected != _speedups.LAYOUT:
+        return None
+    return _speedups
+
+
+#: The C hot path, if built and enabled (see :func:`_load_speedups`); else ``None``.
+speedups: ModuleType | None = _load_speedups()
 
 
 class CorruptMessage(ValueError):
@@ -151,12 +204,38 @@ class SlotQueue(SharedObject):
         self._stride = segment.layout.stride
         #: Messages up to this length are copied with the mutex held.
         self._small = min(self._stride, LOCKED_COPY_LIMIT)
+        #: The C hot path over this segment, if any (``None``: the Python path only).
+        self._fast: FastQueue | None = None
+        if speedups is not None:
+            layout = segment.layout
+            self._fast = speedups.FastQueue(
+                segment.address,
+                layout.mutex,
+                layout.bells,
+                SEM_SIZE,
+                layout.ring,
+                layout.free,
+                layout.slots,
+                layout.payloads,
+                layout.stride,
+                layout.capacity,
+                self.low_water,
+                self._small,
+                segment,
+                weakref.WeakMethod(self._owner_died_locked),
+            )
 
     @classmethod
     def create(cls, capacity: int, max_message_size: int, fd: int | None = None) -> Self:
         queue = cls(Segment.create(capacity, max_message_size, fd))
         queue.locked(queue._init_locked)
         return queue
+
+    def _owner_died_locked(self) -> None:
+        """What the C hot path calls when it took the mutex from a holder that died
+        (``EOWNERDEAD``), as :meth:`SharedObject._lock_contended` does."""
+        self._repair_locked()
+        self.defer(self._sweep_after_owner_died)
 
     def _init_locked(self) -> None:
         for slot in range(self.capacity):
@@ -179,7 +258,23 @@ class SlotQueue(SharedObject):
         (the stream has ended: a handle closed by another thread meanwhile); nothing is
         changed then. A large message is copied with the mutex free, and the send
         handles are counted again when it is published.
+
+        A small message that comes as one image of bytes (``message.image``) goes
+        through the C hot path where it is built (:mod:`aioshm._speedups`): the same
+        critical section, unless the mutex is not free at once or anything is out of
+        the ordinary, when it does nothing and this Python path takes over.
         """
+        fast = self._fast
+        if fast is not None:
+            image = getattr(message, "image", None)
+            if image is not None:
+                outcome = fast.put(image, message.start, message.length)
+                if self._deferred:  # a sweep after a holder died (see _owner_died_locked)
+                    self._run_deferred()
+                if outcome == _DONE:
+                    return
+                if outcome >= 0:
+                    self._raise_for(outcome)
         outcome = self.locked(self._put_locked, owner, message)
         if outcome == _DONE:
             return
@@ -311,11 +406,22 @@ class SlotQueue(SharedObject):
         message whose place in the slot (or whose slot number) is corrupt. Any other
         exception (``KeyboardInterrupt``, a cancellation) while a large message is read
         puts it back at the head of the queue.
+
+        The C hot path (:mod:`aioshm._speedups`), where it is built, takes a small
+        message or finds the queue empty in the same critical section; in any other
+        case it does nothing, and this Python path takes over.
         """
-        got = self.locked(self._get_locked, owner)
+        fast = self._fast
+        got: Any = fast.get() if fast is not None else -1
+        if self._deferred:  # a sweep after a holder died (see _owner_died_locked)
+            self._run_deferred()
+        if type(got) is int:
+            if got >= 0:
+                self._raise_for(got)
+            got = self.locked(self._get_locked, owner)
         if type(got) is bytearray:  # a small message, copied out
             try:
-                return read(memoryview(got), True)
+                return read(got, True)
             except Exception as exc:
                 self.locked(self._count_dropped_locked, 1)
                 raise MessageDropped.of(exc) from exc
@@ -381,7 +487,7 @@ class SlotQueue(SharedObject):
         undecodable = 0
         for copy in copies:
             try:
-                received.append(read(memoryview(copy), True))
+                received.append(read(copy, True))
             except Exception as exc:
                 errors.append(exc)
                 undecodable += 1

@@ -4,7 +4,11 @@
     valgrind --tool=callgrind python scripts/hot_path_pair.py 3000   # instructions
 
 With an argument N it runs N pairs once (after 200 to warm up), for instruction counts:
-the difference between two values of N, divided by theirs, is the cost of a pair.
+the difference between two values of N, divided by theirs, is the cost of a pair. Take
+them far apart (2000 and 12000) with PYTHONHASHSEED=0: the same code measured twice
+still differs by up to about 2,500 instructions a pair (at N 2000 and 4000: more).
+
+AIOSHM_PURE_PYTHON=1 measures the pure-Python path instead of the C hot path.
 """
 
 from __future__ import annotations

@@ -59,14 +59,16 @@ def test_every_guarantee_names_tests_that_exist(page: str) -> None:
 
 
 def test_ci_runs_the_readme_test_commands() -> None:
-    """CI runs the one test command the README gives (default run, then slow), as written."""
+    """CI runs the one test command the README gives (default run, then slow, then the
+    default run on the pure-Python path), as written."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("Install and run the test suite", 1)[1]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [line for line in block.splitlines() if line.strip()]
     assert len(commands) == 1, commands
     assert "-m pytest &&" in commands[0], commands
-    assert commands[0].endswith("-m pytest -m slow"), commands
+    assert "-m pytest -m slow &&" in commands[0], commands
+    assert commands[0].endswith("&& AIOSHM_PURE_PYTHON=1 .venv/bin/python -m pytest"), commands
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for command in commands:
         assert any(line.startswith(command) for line in ci), f".ci/run does not run {command!r}"

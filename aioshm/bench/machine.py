@@ -63,6 +63,15 @@ def describe() -> list[tuple[str, str]]:
         ("numpy", version("numpy") or "?"),
         ("anyio", version("anyio") or "?"),
         ("trio", version("trio") or "not installed"),
-        ("aioshm", version("aioshm") or "?"),
+        ("aioshm", f"{version('aioshm') or '?'} ({_hot_path()})"),
         ("Peers", ", ".join(peers)),
     ]
+
+
+def _hot_path() -> str:
+    """Which hot path aioshm runs on here: its C extension, or pure Python."""
+    from aioshm._slotqueue import speedups
+
+    if speedups is not None:
+        return "C hot path, aioshm._speedups"
+    return "pure-Python hot path: aioshm._speedups not built, or AIOSHM_PURE_PYTHON=1"
