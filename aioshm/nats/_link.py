@@ -549,8 +549,7 @@ class Link:
         next_eos_check = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(EOS_EVERY / 2):  # no task per wait, as wait_for has
-                    await self._poke.wait()
+                await asyncio.wait_for(self._poke.wait(), EOS_EVERY / 2)
             self._poke.clear()
             now = time.monotonic()
             while self.requests and self.requests[0][0] < now:
@@ -603,11 +602,6 @@ class Link:
         with self.lock:
             self.buffer.append((msg, self._last_arrival))
         self._match()
-        with self.lock:
-            if not self.waiters:
-                # Nothing for the pump to do now: it pulls only for waiting callers, and
-                # gives back what is left here unclaimed on its own timer.
-                return
         self._poke.set()  # type: ignore[union-attr]
 
     def _match(self) -> None:
@@ -642,9 +636,6 @@ class Link:
     async def acknowledge(self, msgs: list[tuple[Msg, float]]) -> list[Msg]:
         """Acknowledge ``msgs`` (with their arrival times) and wait for the server to
         confirm; return those that are this process's to hand out (see :meth:`_ack`)."""
-        if len(msgs) == 1:  # the common case: no task for gather to wrap it in
-            msg, at = msgs[0]
-            return [msg] if await self._ack(msg, at) else []
         confirmed = await asyncio.gather(*(self._ack(m, at) for m, at in msgs))
         return [m for (m, _), ok in zip(msgs, confirmed, strict=True) if ok]
 
