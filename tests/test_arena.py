@@ -66,6 +66,7 @@ TEN_THOUSAND = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_ten_thousand_values_open_under_a_low_fd_limit(tmp_path: Any) -> None:
     script = tmp_path / "ten_thousand.py"
     script.write_text(TEN_THOUSAND)

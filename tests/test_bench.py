@@ -89,6 +89,7 @@ def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
         assert "No chart" in page
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_only_and_no_write(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -61,6 +61,7 @@ def test_a_live_channel_with_its_pids_and_counts() -> None:
         rx.close()
 
 
+@pytest.mark.slow
 def test_a_stale_channel_after_its_holders_are_killed_and_its_removal() -> None:
     name = fresh()
     holder = subprocess.Popen(

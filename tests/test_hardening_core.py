@@ -175,6 +175,7 @@ def _send_one(tx: aioshm.SendChannel[Any]) -> None:
         tx.send_blocking("from the child", timeout=30)
 
 
+@pytest.mark.slow
 def test_keyboard_interrupts_never_leave_the_mutex_held() -> None:
     """A signal handler raises KeyboardInterrupt at random instants while the main
     thread loops through critical sections; afterwards another process still gets the

@@ -313,6 +313,7 @@ def _reports(report_rx: aioshm.ReceiveChannel[Any], count: int) -> list[Any]:
     return [report_rx.recv_blocking(timeout=60) for _ in range(count)]
 
 
+@pytest.mark.slow
 def test_idle_waiters_cost_linear_sweeps_and_wakeups() -> None:
     """64 processes idle in ``recv``: the sweeps are shared (one per interval for the
     channel, not one per sleeper) and the sleepers wake in turn (about one per
@@ -347,6 +348,7 @@ def test_idle_waiters_cost_linear_sweeps_and_wakeups() -> None:
     tx.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("survivors", [16, 8])
 def test_dead_peer_noticed_within_a_second_by_idle_waiters(survivors: int) -> None:
     """16 idle receivers; the sole sender is SIGKILLed, and with it all but

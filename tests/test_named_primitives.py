@@ -320,6 +320,7 @@ async def test_an_event_set_in_one_process_wakes_the_other() -> None:
     assert not exists(name) and not exists(f"{name}-back")
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_value_increments_under_its_lock_add_up_across_processes() -> None:
     name = fresh()
@@ -395,6 +396,7 @@ def test_a_held_permit_of_a_killed_joiner_comes_back() -> None:
 # ---------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_the_cli_lists_a_named_primitive_with_its_pids_then_stale_and_removes_it() -> None:
     name = fresh()
     creator = unrelated("create", name, "Lock")

@@ -318,6 +318,7 @@ def test_native_asyncio_cancellation(server: LocalServer) -> None:
 # ---------------------------------------------------------------- processes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "producers", "consumers"), [("spawn", 2, 3), ("fork", 2, 2), ("forkserver", 1, 1)]
 )
@@ -366,6 +367,7 @@ def test_pickled_handle_is_owned_where_unpickled(server: LocalServer) -> None:
             rx.recv_blocking(10)
 
 
+@pytest.mark.slow
 def test_dead_sender_ends_the_stream_within_the_heartbeat(server: LocalServer) -> None:
     url = channel_url(server, "heartbeat=2")
     tx, rx = aioshm.open_channel(name=url)
@@ -388,6 +390,7 @@ def test_dead_sender_ends_the_stream_within_the_heartbeat(server: LocalServer) -
         assert time.monotonic() - killed < 2 + 4
 
 
+@pytest.mark.slow
 def test_dead_receiver_message_is_delivered_again(server: LocalServer) -> None:
     url = channel_url(server, "ack_wait=1&prefetch=4&heartbeat=2")
     tx, rx = aioshm.open_channel(name=url, capacity=16)
@@ -434,6 +437,7 @@ async def _deliver_without_ack(link: Any) -> Any:
     return msg
 
 
+@pytest.mark.slow
 def test_acknowledgement_applied_but_unconfirmed_while_no_server_answers(
     own_server: LocalServer,
 ) -> None:
@@ -462,6 +466,7 @@ def test_acknowledgement_applied_but_unconfirmed_while_no_server_answers(
         assert pending.result(30) == [msg]
 
 
+@pytest.mark.slow
 def test_late_acknowledgement_of_a_message_delivered_again_elsewhere(
     server: LocalServer,
 ) -> None:
@@ -492,6 +497,7 @@ def test_restarted_server_keeps_file_backed_messages(own_server: LocalServer) ->
         assert [rx.recv_blocking(30) for _ in range(4)] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_send_waits_while_no_server_is_reachable(own_server: LocalServer) -> None:
     tx, rx = aioshm.open_channel(name=channel_url(own_server, "heartbeat=30"), capacity=8)
     with tx, rx:
@@ -507,6 +513,7 @@ def test_send_waits_while_no_server_is_reachable(own_server: LocalServer) -> Non
         anyio.run(main)
 
 
+@pytest.mark.slow
 def test_connect_timeout_names_the_url() -> None:
     url = f"nats://127.0.0.1:{aioshm.nats._server.free_port()}/nobody"
     started = time.monotonic()
@@ -633,6 +640,7 @@ def test_network_benchmark_runs(module: str) -> None:
     assert "round trip: aioshm over NATS" in out
 
 
+@pytest.mark.slow
 def test_serve_nats_command() -> None:
     """``python -m aioshm serve-nats`` serves channels, and takes its server down
     with it on SIGTERM."""
@@ -665,6 +673,7 @@ def test_serve_nats_command() -> None:
         aioshm.nats.connect_send(f"nats://127.0.0.1:{port}/served", connect_timeout=0.5)
 
 
+@pytest.mark.slow
 def test_tls(tmp_path: Path) -> None:
     """``tls://`` with a CA file: a channel works; without the CA, the connection is
     refused with an OSError naming the URL."""
@@ -734,6 +743,7 @@ def test_closing_receiver_gives_back_what_it_pulled_ahead(server: LocalServer) -
     assert time.monotonic() - exited < 10
 
 
+@pytest.mark.slow
 def test_dead_receiver_process_breaks_the_channel_within_the_heartbeat(
     server: LocalServer,
 ) -> None:
