@@ -499,21 +499,25 @@ FastQueue_put_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (first < 0) {
-        return Py_BuildValue("(ii)", FALLBACK, 0);
+        first = PY_SSIZE_T_MAX; /* nothing to gather: FALLBACK */
+    }
+    /* The result is made first: once a message is published, nothing may fail. Its
+     * numbers (an outcome, at most BATCH_CHUNK sent) are cached small ints. */
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        return NULL;
     }
     PyObject *images[BATCH_CHUNK];
     long long starts[BATCH_CHUNK], lengths[BATCH_CHUNK];
     Py_ssize_t count = gather_images(q, args[0], first, images, starts, lengths);
     if (count < 0) {
+        Py_DECREF(result);
         return NULL;
-    }
-    if (count == 0) {
-        return Py_BuildValue("(ii)", FALLBACK, 0);
     }
     int64_t *ctl = q->ctl;
     int outcome = FALLBACK;
     Py_ssize_t sent = 0;
-    int locked = lock(q);
+    int locked = count > 0 ? lock(q) : 0;
     if (locked == 0) {
         goto done;
     }
@@ -560,11 +564,14 @@ done:
     for (Py_ssize_t i = 0; i < count; i++) {
         Py_DECREF(images[i]);
     }
-    return Py_BuildValue("(in)", outcome, sent);
+    PyTuple_SET_ITEM(result, 0, PyLong_FromLong(outcome));
+    PyTuple_SET_ITEM(result, 1, PyLong_FromSsize_t(sent));
+    return result;
 error:
     for (Py_ssize_t i = 0; i < count; i++) {
         Py_DECREF(images[i]);
     }
+    Py_DECREF(result);
     return NULL;
 }
 
