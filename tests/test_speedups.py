@@ -502,6 +502,63 @@ def test_a_process_with_the_extension_and_one_without_share_a_channel(
     assert receiver.exitcode == 0
 
 
+def _batch_items(i: int) -> list[Any]:
+    """Batch ``i``: images of two kinds, and now and then a message that is not one."""
+    items: list[Any] = [np.full(10, i, np.float64), b"x" * (i % 7)]
+    if i % 5 == 0:
+        items.append({"oob": np.arange(i % 4)})
+    return items
+
+
+def _flat(batches: int) -> list[Any]:
+    return [_value(x) for i in range(batches) for x in _batch_items(i)]
+
+
+def _child_sends_batches(tx: aioshm.SendChannel[Any], n: int) -> None:
+    from aioshm import _slotqueue as sq
+
+    assert (sq.speedups is None) == (os.environ.get("AIOSHM_PURE_PYTHON") == "1")
+
+    async def main() -> None:
+        async with tx:
+            for i in range(n):
+                await tx.send_many(_batch_items(i))
+
+    anyio.run(main)
+
+
+@needs_c
+@pytest.mark.parametrize("child_pure", [True, False])
+def test_batches_cross_between_a_process_with_the_extension_and_one_without(
+    monkeypatch: pytest.MonkeyPatch, child_pure: bool
+) -> None:
+    """send_many in a child on either path, recv_many here on the C path, through a
+    queue smaller than a batch: both sides sleep and wake each other, and every message
+    arrives once, in order."""
+    ctx = multiprocessing.get_context("spawn")
+    monkeypatch.setenv("AIOSHM_PURE_PYTHON", "1" if child_pure else "0")
+    n = 1500
+    tx, rx = aioshm.open_channel(2, 256)
+    sender = ctx.Process(target=_child_sends_batches, args=(tx, n))
+    with tx:
+        sender.start()
+    got: list[Any] = []
+
+    async def main() -> None:
+        async with rx:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        got.extend(_value(x) for x in await rx.recv_many(3))
+                    except anyio.EndOfStream:
+                        return
+
+    anyio.run(main)
+    sender.join(30)
+    assert sender.exitcode == 0
+    assert got == _flat(n)
+
+
 @needs_c
 def test_threads_on_both_paths_share_a_queue() -> None:
     """Contention within a process: the C path meets a held mutex and falls back."""
