@@ -537,7 +537,7 @@ def test_batches_cross_between_a_process_with_the_extension_and_one_without(
     arrives once, in order."""
     ctx = multiprocessing.get_context("spawn")
     monkeypatch.setenv("AIOSHM_PURE_PYTHON", "1" if child_pure else "0")
-    n = 1500
+    n = 600
     tx, rx = aioshm.open_channel(2, 256)
     sender = ctx.Process(target=_child_sends_batches, args=(tx, n))
     with tx:
