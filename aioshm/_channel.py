@@ -559,7 +559,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
     def _put_many(self, batch: Sequence[Message], start: int) -> int:
         if not self._usable:
             self._raise_unusable()
-        return self._queue.try_put_many(self._entry, batch[start:])
+        return self._queue.try_put_many(self._entry, batch, start)
 
     def send_loan(self, shape: int | Sequence[int], dtype: Any = np.float64) -> _Loan:
         """Loan a free slot as a writable array to fill in place: zero-copy send.

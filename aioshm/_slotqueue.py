@@ -308,23 +308,38 @@ class SlotQueue(SharedObject):
         self._hold_locked(slot, WRITING, owner)
         return _CLAIMED_SLOT + slot
 
-    def try_put_many(self, owner: int, messages: Sequence[Message]) -> int:
-        """Publish a prefix of ``messages`` in one locked round; return how many.
+    def try_put_many(self, owner: int, messages: Sequence[Message], first: int = 0) -> int:
+        """Publish a prefix of ``messages[first:]`` in one locked round; return how many.
 
         Takes as many as there are free slots. A large message is published on its own
         (two rounds) and ends the prefix. Raises like :meth:`try_put` if none can go.
+
+        The C hot path (:mod:`aioshm._speedups`), where it is built, publishes the
+        leading messages that come as one image of bytes (at most a chunk of them) in
+        the same critical section; a message that does not also ends the prefix there.
+        When the first does not, or anything is out of the ordinary, it does nothing and
+        this Python path takes over.
         """
-        if not messages:
+        if first >= len(messages):
             return 0
-        outcome, sent = self.locked(self._put_many_locked, messages)
+        fast = self._fast
+        if fast is not None and type(messages) is list:
+            outcome, sent = fast.put_many(messages, first)
+            if self._deferred:  # a sweep after a holder died (see _owner_died_locked)
+                self._run_deferred()
+            if outcome == _DONE:
+                return sent
+            if outcome >= 0:
+                self._raise_for(outcome)
+        outcome, sent = self.locked(self._put_many_locked, messages, first)
         if outcome != _DONE:
             self._raise_for(outcome)
         if sent == 0:
-            self.try_put(owner, messages[0])
+            self.try_put(owner, messages[first])
             sent = 1
         return sent
 
-    def _put_many_locked(self, messages: Sequence[Message]) -> tuple[int, int]:
+    def _put_many_locked(self, messages: Sequence[Message], first: int) -> tuple[int, int]:
         ctl = self._ctl
         if ctl[OPEN + RECV] <= 0:
             return _BROKEN, 0
@@ -333,7 +348,8 @@ class SlotQueue(SharedObject):
         if ctl[NFREE] == 0:
             return _FULL, 0
         sent = 0
-        for message in messages:
+        for i in range(first, len(messages)):
+            message = messages[i]
             n = ctl[NFREE] - 1
             if n < 0 or message.length > LOCKED_COPY_LIMIT:
                 break
@@ -477,12 +493,34 @@ class SlotQueue(SharedObject):
         are still received: :class:`MessageDropped` is raised after the whole batch has
         been read, and its :attr:`~MessageDropped.received` holds the messages that
         were read, in order.
+
+        The C hot path (:mod:`aioshm._speedups`), where it is built, takes the small,
+        well-formed messages at the head (at most a chunk of them, and no more than
+        were buffered just before) or finds the queue empty, in the same critical
+        section; when the head message is not such, or anything is out of the
+        ordinary, it does nothing and this Python path takes over.
         """
+        fast = self._fast
+        got: Any = fast.get_many(limit) if fast is not None else -1
+        if self._deferred:  # a sweep after a holder died (see _owner_died_locked)
+            self._run_deferred()
+        if type(got) is list:
+            return self._read_copies(got, [], read)
+        if got >= 0:
+            self._raise_for(got)
         outcome, copies, errors = self.locked(self._get_many_locked, limit)
         if outcome != _DONE:
             self._raise_for(outcome)
         if not copies and not errors:
             return [self.try_get(owner, read)]
+        return self._read_copies(copies, errors, read)
+
+    def _read_copies(
+        self, copies: list[bytearray], errors: list[Exception], read: Reader[T]
+    ) -> list[T]:
+        """``read`` every copy taken by a batch receive; the ones that fail, and the
+        corrupt ones (``errors``), are counted as dropped and raise
+        :class:`MessageDropped` after the others have been read."""
         received: list[T] = []
         undecodable = 0
         for copy in copies:

@@ -57,6 +57,12 @@
 #define O_CLOSED 6
 #define FALLBACK (-1)
 #define LOCKED_COPY_LIMIT (64 * 1024)
+/* The most messages one put_many or get_many call moves, in one locked round: their
+ * references are kept on the C stack or in a list made beforehand. A longer batch takes
+ * several calls. */
+#define BATCH_CHUNK 256
+
+static PyObject *str_image, *str_start, *str_length; /* interned attribute names */
 
 typedef struct {
     PyObject_HEAD
@@ -283,6 +289,49 @@ reading(FastQueue *q)
     return 0;
 }
 
+/* SlotQueue._empty_locked: the outcome of a receive that finds the queue empty. */
+static int
+empty_outcome(FastQueue *q)
+{
+    int64_t *ctl = q->ctl;
+    if (ctl[ENDED]) {
+        return O_ENDED;
+    }
+    if (ctl[OPEN + SEND] > 0 || reading(q)) {
+        return O_EMPTY;
+    }
+    ctl[ENDED] = 1;
+    return O_ENDED;
+}
+
+/* A copy of the small, well-formed message at ring position head, taken off the queue
+ * (its slot freed); NULL if there is none such (an exception set if out of memory). */
+static PyObject *
+take_small(FastQueue *q, int64_t head)
+{
+    int64_t *ctl = q->ctl;
+    int64_t slot = q->ring[head % q->capacity];
+    int64_t n = ctl[NFREE];
+    if (slot < 0 || slot >= q->capacity || n < 0 || n >= q->capacity) {
+        return NULL;
+    }
+    int64_t base = slot * SLOT_FIELDS;
+    int64_t start = q->slots[base + SLOT_START];
+    int64_t length = q->slots[base + SLOT_LENGTH];
+    if (q->slots[base + SLOT_STATE] != S_READY || start < 0 || start > length ||
+        length > q->small) {
+        return NULL;
+    }
+    /* Not tracked by the garbage collector: no Python code can run here. */
+    PyObject *copy = PyByteArray_FromStringAndSize(q->payloads + slot * q->stride + start,
+                                                   (Py_ssize_t)(length - start));
+    if (copy != NULL) {
+        ctl[HEAD] = head + 1;
+        free_slot(q, slot);
+    }
+    return copy;
+}
+
 /* get() -> bytearray | outcome: SlotQueue._get_locked for a small, well-formed message
  * at the head (a copy of its bytes), or an empty queue (EMPTY or ENDED). */
 static PyObject *
@@ -298,36 +347,10 @@ FastQueue_get(FastQueue *q, PyObject *Py_UNUSED(ignored))
     int64_t head = ctl[HEAD];
     int64_t tail = ctl[TAIL];
     if (head == tail) {
-        /* SlotQueue._empty_locked */
-        if (ctl[ENDED]) {
-            outcome = O_ENDED;
-        }
-        else if (ctl[OPEN + SEND] > 0 || reading(q)) {
-            outcome = O_EMPTY;
-        }
-        else {
-            ctl[ENDED] = 1;
-            outcome = O_ENDED;
-        }
+        outcome = empty_outcome(q);
     }
     else if (head >= 0 && 0 < tail - head && tail - head <= q->capacity) {
-        int64_t slot = q->ring[head % q->capacity];
-        int64_t n = ctl[NFREE];
-        if (0 <= slot && slot < q->capacity && 0 <= n && n < q->capacity) {
-            int64_t base = slot * SLOT_FIELDS;
-            int64_t start = q->slots[base + SLOT_START];
-            int64_t length = q->slots[base + SLOT_LENGTH];
-            if (q->slots[base + SLOT_STATE] == S_READY && 0 <= start && start <= length &&
-                length <= q->small) {
-                /* Not tracked by the garbage collector: no Python code can run here. */
-                copy = PyByteArray_FromStringAndSize(q->payloads + slot * q->stride + start,
-                                                     (Py_ssize_t)(length - start));
-                if (copy != NULL) {
-                    ctl[HEAD] = head + 1;
-                    free_slot(q, slot);
-                }
-            }
-        }
+        copy = take_small(q, head);
     }
     pthread_mutex_unlock(q->mutex);
     if (copy != NULL) {
@@ -339,11 +362,228 @@ FastQueue_get(FastQueue *q, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(outcome);
 }
 
+/* get_many(limit) -> list[bytearray] | outcome: SlotQueue._get_many_locked for the
+ * small, well-formed messages at the head, oldest first, up to limit (and BATCH_CHUNK);
+ * or an empty queue (EMPTY or ENDED); FALLBACK if the head message is not one such.
+ *
+ * The list is made before the lock (a list is tracked by the garbage collector, whose
+ * collections, and the finalizers they run, its allocation may set off), as long as the
+ * messages buffered then, read without the lock: a hint, and no more are taken. A list
+ * that cannot be made costs nothing taken; one made too long is cut to what was taken. */
+static PyObject *
+FastQueue_get_many(FastQueue *q, PyObject *arg)
+{
+    Py_ssize_t limit = PyLong_AsSsize_t(arg);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int64_t *ctl = q->ctl;
+    int64_t hint = __atomic_load_n(&ctl[TAIL], __ATOMIC_RELAXED) -
+                   __atomic_load_n(&ctl[HEAD], __ATOMIC_RELAXED);
+    Py_ssize_t size = limit < BATCH_CHUNK ? limit : BATCH_CHUNK;
+    if (hint < size) {
+        size = hint < 0 ? 0 : (Py_ssize_t)hint;
+    }
+    PyObject *list = NULL;
+    if (size > 0 && (list = PyList_New(size)) == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = 0;
+    int outcome = FALLBACK;
+    int locked = lock(q);
+    if (locked <= 0) {
+        Py_XDECREF(list);
+        return locked < 0 ? NULL : PyLong_FromLong(FALLBACK);
+    }
+    int64_t head = ctl[HEAD];
+    int64_t tail = ctl[TAIL];
+    if (head == tail) {
+        outcome = empty_outcome(q);
+    }
+    else if (head >= 0 && 0 < tail - head && tail - head <= q->capacity) {
+        for (; count < size && head < tail; head++, count++) {
+            PyObject *copy = take_small(q, head);
+            if (copy == NULL) {
+                break;
+            }
+            PyList_SET_ITEM(list, count, copy);
+        }
+    }
+    pthread_mutex_unlock(q->mutex);
+    if (count == 0) {
+        Py_XDECREF(list);
+        return PyErr_Occurred() ? NULL : PyLong_FromLong(outcome);
+    }
+    PyErr_Clear(); /* a MemoryError after the first copy: those taken are received */
+    Py_SET_SIZE(list, count); /* the slots past it are still NULL */
+    return list;
+}
+
+/* A message's start or length attribute: 0, or -1 with an exception set. */
+static int
+int_attr(PyObject *message, PyObject *name, long long *out)
+{
+    PyObject *value = PyObject_GetAttr(message, name);
+    if (value == NULL) {
+        return -1;
+    }
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The leading messages of messages[first:] (at most BATCH_CHUNK) that put() would take:
+ * small ones that come as one image. Gathered before the lock, as new references to
+ * their images, for no Python code (an attribute lookup may run some) to run under it.
+ * Returns how many, or -1 with an exception set (no reference kept). */
+static Py_ssize_t
+gather_images(FastQueue *q, PyObject *messages, Py_ssize_t first, PyObject **images,
+              long long *starts, long long *lengths)
+{
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = first; n < BATCH_CHUNK; i++) {
+        /* Read the size on every step: a lookup may have changed the list. */
+        if (i >= PySequence_Fast_GET_SIZE(messages)) {
+            break;
+        }
+        PyObject *message = Py_NewRef(PySequence_Fast_GET_ITEM(messages, i));
+        PyObject *image = PyObject_GetAttr(message, str_image);
+        if (image == NULL) {
+            Py_DECREF(message);
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                goto error;
+            }
+            PyErr_Clear(); /* not an image: a large message, for the Python path */
+            break;
+        }
+        long long start, length;
+        if (int_attr(message, str_start, &start) < 0 ||
+            int_attr(message, str_length, &length) < 0) {
+            Py_DECREF(image);
+            Py_DECREF(message);
+            goto error;
+        }
+        Py_DECREF(message);
+        if (!PyBytes_CheckExact(image) || start < 0 ||
+            length - start != PyBytes_GET_SIZE(image) || length > q->stride ||
+            length > LOCKED_COPY_LIMIT) {
+            Py_DECREF(image); /* the Python path raises what it raises */
+            break;
+        }
+        images[n] = image;
+        starts[n] = start;
+        lengths[n] = length;
+        n++;
+    }
+    return n;
+error:
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_DECREF(images[i]);
+    }
+    return -1;
+}
+
+/* put_many(messages, first) -> (outcome, sent): SlotQueue._put_many_locked for the
+ * leading small images of messages[first:], as many as there are free slots (at most
+ * BATCH_CHUNK); (FALLBACK, 0) if the first is not one, or anything is out of the
+ * ordinary before the first is published. */
+static PyObject *
+FastQueue_put_many(FastQueue *q, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !(PyList_CheckExact(args[0]) || PyTuple_CheckExact(args[0]))) {
+        PyErr_SetString(PyExc_TypeError, "put_many(messages: list | tuple, first: int)");
+        return NULL;
+    }
+    Py_ssize_t first = PyLong_AsSsize_t(args[1]);
+    if (first == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (first < 0) {
+        first = PY_SSIZE_T_MAX; /* nothing to gather: FALLBACK */
+    }
+    /* The result is made first: once a message is published, nothing may fail. Its
+     * numbers (an outcome, at most BATCH_CHUNK sent) are cached small ints. */
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        return NULL;
+    }
+    PyObject *images[BATCH_CHUNK];
+    long long starts[BATCH_CHUNK], lengths[BATCH_CHUNK];
+    Py_ssize_t count = gather_images(q, args[0], first, images, starts, lengths);
+    if (count < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    int64_t *ctl = q->ctl;
+    int outcome = FALLBACK;
+    Py_ssize_t sent = 0;
+    int locked = count > 0 ? lock(q) : 0;
+    if (locked == 0) {
+        goto done;
+    }
+    if (locked < 0) {
+        goto error;
+    }
+    if (ctl[OPEN + RECV] <= 0) {
+        outcome = O_BROKEN;
+    }
+    else if (ctl[OPEN + SEND] <= 0 || ctl[ENDED]) {
+        outcome = O_CLOSED;
+    }
+    else if (ctl[NFREE] <= 0) {
+        outcome = ctl[NFREE] == 0 ? O_FULL : FALLBACK;
+    }
+    else if (ctl[NFREE] <= q->capacity && ctl[TAIL] >= 0) {
+        for (; sent < count; sent++) {
+            int64_t n = ctl[NFREE] - 1;
+            if (n < 0) {
+                break;
+            }
+            int64_t slot = q->free_[n];
+            if (slot < 0 || slot >= q->capacity) {
+                break; /* corrupt: the Python path repairs (on the next call) */
+            }
+            int64_t base = slot * SLOT_FIELDS;
+            int64_t tail = ctl[TAIL];
+            memcpy(q->payloads + slot * q->stride + starts[sent], PyBytes_AS_STRING(images[sent]),
+                   (size_t)PyBytes_GET_SIZE(images[sent]));
+            ctl[NFREE] = n;
+            q->slots[base + SLOT_START] = starts[sent];
+            q->slots[base + SLOT_LENGTH] = lengths[sent];
+            q->slots[base + SLOT_STATE] = S_READY;
+            q->ring[tail % q->capacity] = slot;
+            ctl[TAIL] = tail + 1;
+            if (ctl[SLEEPERS + RECV]) {
+                ring_one(q, RECV);
+            }
+        }
+        outcome = sent > 0 ? O_DONE : FALLBACK;
+    }
+    pthread_mutex_unlock(q->mutex);
+done:
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_DECREF(images[i]);
+    }
+    PyTuple_SET_ITEM(result, 0, PyLong_FromLong(outcome));
+    PyTuple_SET_ITEM(result, 1, PyLong_FromSsize_t(sent));
+    return result;
+error:
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_DECREF(images[i]);
+    }
+    Py_DECREF(result);
+    return NULL;
+}
+
 static PyMethodDef FastQueue_methods[] = {
     {"put", (PyCFunction)(void (*)(void))FastQueue_put, METH_FASTCALL,
      "put(image, start, length) -> outcome: publish a small message, or FALLBACK"},
     {"get", (PyCFunction)FastQueue_get, METH_NOARGS,
      "get() -> bytearray | outcome: take a small message, or an outcome, or FALLBACK"},
+    {"put_many", (PyCFunction)(void (*)(void))FastQueue_put_many, METH_FASTCALL,
+     "put_many(messages, first) -> (outcome, sent): publish leading small images"},
+    {"get_many", (PyCFunction)FastQueue_get_many, METH_O,
+     "get_many(limit) -> list[bytearray] | outcome: take small messages, or FALLBACK"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -382,6 +622,12 @@ PyInit__speedups(void)
 {
     PyObject *module = NULL, *layout = NULL;
     if (PyType_Ready(&FastQueueType) < 0) {
+        return NULL;
+    }
+    str_image = PyUnicode_InternFromString("image");
+    str_start = PyUnicode_InternFromString("start");
+    str_length = PyUnicode_InternFromString("length");
+    if (str_image == NULL || str_start == NULL || str_length == NULL) {
         return NULL;
     }
     module = PyModule_Create(&speedups_module);

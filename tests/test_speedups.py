@@ -7,6 +7,7 @@ The cross-checks below need the extension and are skipped in the second run.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import random
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import aioshm
-from aioshm import _layout, _slotqueue
+from aioshm import _layout, _posix, _slotqueue
 from aioshm._codec import decode, encode
 from aioshm._slotqueue import SlotQueue
 
@@ -107,6 +108,8 @@ def _outcome(action: Any) -> Any:
 
 
 def _value(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _value(v) for k, v in x.items()}
     return x.tolist() if isinstance(x, np.ndarray) else x
 
 
@@ -133,17 +136,27 @@ def test_c_and_python_paths_leave_identical_segments(seed: int) -> None:
         np.zeros((2, 3), np.int16, order="F"),
         {"k": 1},
         np.arange(3, dtype=np.uint8),
+        {"oob": np.arange(3)},  # a pickle with an out-of-band buffer: not one image
     ]
-    for _ in range(300):
+    for _ in range(400):
         op = rng.random()
-        if op < 0.4:
+        if op < 0.25:
             item = rng.choice(items)
             results = [
                 _outcome(lambda q=q: q.try_put(me, encode(item, q.max_message_size)))
                 for q in (fast, pure)
             ]
-        elif op < 0.8:
+        elif op < 0.5:
             results = [_outcome(lambda q=q: _value(q.try_get(me, decode))) for q in (fast, pure)]
+        elif op < 0.65:
+            batch = rng.choices(items, k=rng.randint(1, 2 * cap + 1))
+            results = [_put_all(q, me, batch) for q in (fast, pure)]
+        elif op < 0.8:
+            limit = rng.randint(1, 2 * cap + 1)
+            results = [
+                _outcome(lambda q=q: [_value(x) for x in q.try_get_many(me, limit, decode)])
+                for q in (fast, pure)
+            ]
         elif op < 0.86:
             side = rng.choice([0, 1])
             for q in (fast, pure):  # a sleeper registered on a side (no thread sleeps)
@@ -160,6 +173,92 @@ def test_c_and_python_paths_leave_identical_segments(seed: int) -> None:
         if results:
             assert results[0] == results[1]
         assert _state(fast) == _state(pure)
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(4))
+def test_c_and_python_batches_leave_identical_segments(seed: int) -> None:
+    """Batches on an open channel, mixed with single messages and sleepers: the same
+    results, and the same bytes in every region after every step; then the end of the
+    stream, as a batch receive finds it."""
+    rng = random.Random(seed)
+    cap = rng.choice([2, 3, 8, 16])
+    fast, pure = _twin_queues(cap)
+    me = 0
+    items: list[Any] = [
+        np.arange(10, dtype=np.float64),
+        b"abc",
+        b"",
+        {"k": 1},
+        {"oob": np.arange(3)},  # a pickle with an out-of-band buffer: not one image
+    ]
+    taken = 0
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.35:
+            batch = rng.choices(items, k=rng.randint(1, 2 * cap + 1))
+            results = [_put_all(q, me, batch) for q in (fast, pure)]
+        elif op < 0.7:
+            limit = rng.randint(1, 2 * cap + 1)
+            results = [
+                _outcome(lambda q=q: [_value(x) for x in q.try_get_many(me, limit, decode)])
+                for q in (fast, pure)
+            ]
+            if results[0][0] == "ok":
+                taken += len(results[0][1])
+        elif op < 0.8:
+            item = rng.choice(items)
+            results = [
+                _outcome(lambda q=q: q.try_put(me, encode(item, q.max_message_size)))
+                for q in (fast, pure)
+            ]
+        elif op < 0.9:
+            results = [_outcome(lambda q=q: _value(q.try_get(me, decode))) for q in (fast, pure)]
+        else:
+            side = rng.choice([0, 1])
+            for q in (fast, pure):  # a sleeper registered on a side (no thread sleeps)
+                q._ctl[_layout.SLEEPERS + side] += 1
+            results = []
+        if results:
+            assert results[0] == results[1]
+        assert _state(fast) == _state(pure)
+    assert taken > 50  # batches did flow
+    for q in (fast, pure):
+        q.drop_handle(me, 0)
+    while True:
+        results = [_outcome(lambda q=q: len(q.try_get_many(me, 3, decode))) for q in (fast, pure)]
+        assert results[0] == results[1]
+        assert _state(fast) == _state(pure)
+        if results[0][0] == "raised":
+            assert results[0][1] == "EndOfStream"
+            break
+
+
+def _twin_queues(cap: int) -> tuple[SlotQueue, SlotQueue]:
+    """Two queues alike, one on each path, with one entry holding both sides."""
+    fast = SlotQueue.create(cap, 512)
+    pure = SlotQueue.create(cap, 512)
+    pure._fast = None
+    assert fast._fast is not None
+    entries = [q.register((1, 1)) for q in (fast, pure)]
+    assert entries == [0, 0]
+    for q in (fast, pure):  # no liveness sweep: its timing would differ between the two
+        q._ctl[_layout.SWEPT_AT] = 1 << 62
+    return fast, pure
+
+
+def _put_all(queue: SlotQueue, me: int, items: list[Any]) -> Any:
+    """``items`` put as ``send_many`` puts them: prefixes, until all are sent or one
+    round raises; how many were sent, and what was raised. (The C path may end a prefix
+    sooner than the Python path: at a message that is not one image.)"""
+    batch = [encode(item, queue.max_message_size) for item in items]
+    sent = 0
+    try:
+        while sent < len(batch):
+            sent += queue.try_put_many(me, batch, sent)
+    except BaseException as exc:
+        return ("raised", type(exc).__name__, sent)
+    return ("ok", sent)
 
 
 @needs_c
@@ -192,6 +291,8 @@ def test_the_c_path_stands_aside_while_the_mutex_is_held() -> None:
     try:
         assert fast.put(image.image, image.start, image.length) == fast_fallback()
         assert fast.get() == fast_fallback()
+        assert fast.put_many([image, image], 0) == (fast_fallback(), 0)
+        assert fast.get_many(4) == fast_fallback()
         assert _state(queue) == before
     finally:
         queue._mutex.release()
@@ -219,6 +320,81 @@ def test_the_c_path_stands_aside_for_a_corrupt_ring_and_python_repairs() -> None
     assert queue.counters().dropped == 1
 
 
+@needs_c
+def test_a_batch_stops_before_a_corrupt_ring_entry_and_python_repairs() -> None:
+    """The C path takes the well-formed messages before a corrupt entry and stops; the
+    Python path then drops the entry, repairs the ring, and every message arrives."""
+    queue = SlotQueue.create(4, 256)
+    me = queue.register((1, 1))
+    batch = [encode(b, 256) for b in (b"a", b"b", b"c")]
+    assert queue.try_put_many(me, batch) == 3
+    queue._ring[(queue._ctl[_layout.HEAD] + 1) % 4] = 99  # not a slot
+    assert queue.try_get_many(me, 10, decode) == [b"a"]
+    with pytest.raises(aioshm.MessageDropped) as caught:
+        queue.try_get_many(me, 10, decode)
+    # The repair queues again the slot that the corrupt entry lost (at the head).
+    assert (caught.value.dropped, caught.value.received) == (1, [b"b", b"c"])
+    assert queue.counters().dropped == 1
+    assert queue.counters().free == 4
+
+
+@needs_c
+def test_a_batch_ends_its_prefix_at_a_message_that_is_not_one_image() -> None:
+    """put_many publishes the leading images only; the rest go through the Python path
+    on the next round, in order."""
+    queue = SlotQueue.create(8, 256)
+    me = queue.register((1, 1))
+    batch = [encode(x, 256) for x in (b"a", {"oob": np.arange(3)}, b"c")]
+    assert not hasattr(batch[1], "image")
+    assert queue._fast.put_many(batch, 1) == (fast_fallback(), 0)
+    assert queue.try_put_many(me, batch) == 1
+    assert queue.try_put_many(me, batch, 1) == 2
+    got = queue.try_get_many(me, 8, decode)
+    assert [_value(x) for x in got] == [b"a", {"oob": [0, 1, 2]}, b"c"]
+
+
+@needs_c
+def test_no_collection_runs_while_the_c_path_holds_the_mutex() -> None:
+    """Nothing the C path allocates under the mutex can set off the garbage collector,
+    whose callbacks and finalizers would run Python code there: a batch's list is
+    made before the lock, its result tuple after. Collections are made to come at
+    almost every allocation, and each one looks at the mutex."""
+    queue = SlotQueue.create(8, 256)
+    queue.register((1, 1))  # both sides open
+    fast = queue._fast
+    addr = queue.segment.mutex.ptr
+    seen: list[int] = []
+
+    def look(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            code = _posix._mutex_trylock(addr)  # EBUSY if this thread holds it
+            if code == 0:
+                _posix._mutex_unlock(addr)
+            seen.append(code)
+
+    images = [encode(bytes([i]), 256) for i in range(8)]
+    # An object taken from a free list does not count towards a collection, and a freed
+    # one takes its count back: empty the free lists of tuples and lists, keep everything.
+    ballast = [(i, -i) for i in range(5000)] + [[i] for i in range(500)]
+    kept: list[Any] = []
+    threshold = gc.get_threshold()
+    gc.callbacks.append(look)
+    gc.set_threshold(2)
+    try:
+        for _ in range(50):
+            kept.append(fast.put_many(images, 0))
+            kept.append(fast.get_many(8))
+            kept.append(fast.put(images[0].image, images[0].start, images[0].length))
+            kept.append(fast.get())
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(look)
+    assert len(seen) > 20
+    assert set(seen) == {0}, seen
+    assert [len(got) for got in kept[1::4]] == [8] * 50
+    del ballast
+
+
 def _die_holding(queue: SlotQueue) -> None:
     queue._mutex.acquire()
     os._exit(0)
@@ -241,6 +417,29 @@ def test_a_holder_that_died_is_repaired_by_the_python_path() -> None:
     assert queue._ctl[_layout.SWEEPS] > sweeps  # the sweep deferred by the repair ran
     queue.try_put(me, encode(b"b", 256))
     assert queue.try_get(me, decode) == b"b"
+
+
+@needs_c
+@pytest.mark.parametrize("batch_op", ["get", "put"])
+def test_a_holder_that_died_is_repaired_before_a_batch(batch_op: str) -> None:
+    """EOWNERDEAD met by get_many or put_many: the Python repair, then the C batch."""
+    queue = SlotQueue.create(4, 256)
+    me = queue.register((1, 1))
+    assert queue.try_put_many(me, [encode(b, 256) for b in (b"a", b"b")]) == 2
+    proc = multiprocessing.get_context("fork").Process(target=_die_holding, args=(queue,))
+    proc.start()
+    proc.join(30)
+    queue._ctl[_layout.NFREE] = 0  # left half-done by the dead holder: the repair fixes it
+    sweeps = queue._ctl[_layout.SWEEPS]
+    if batch_op == "get":
+        assert queue.try_get_many(me, 8, decode) == [b"a", b"b"]
+        free = 4
+    else:
+        assert queue.try_put_many(me, [encode(b, 256) for b in (b"c", b"d")]) == 2
+        free = 0
+    assert not mutex_held(queue)
+    assert queue._ctl[_layout.SWEEPS] > sweeps  # the sweep deferred by the repair ran
+    assert queue.counters().free == free
 
 
 def _child_sends(tx: aioshm.SendChannel[Any], n: int) -> None:
@@ -301,6 +500,63 @@ def test_a_process_with_the_extension_and_one_without_share_a_channel(
     assert mine.recv() == n
     receiver.join(30)
     assert receiver.exitcode == 0
+
+
+def _batch_items(i: int) -> list[Any]:
+    """Batch ``i``: images of two kinds, and now and then a message that is not one."""
+    items: list[Any] = [np.full(10, i, np.float64), b"x" * (i % 7)]
+    if i % 5 == 0:
+        items.append({"oob": np.arange(i % 4)})
+    return items
+
+
+def _flat(batches: int) -> list[Any]:
+    return [_value(x) for i in range(batches) for x in _batch_items(i)]
+
+
+def _child_sends_batches(tx: aioshm.SendChannel[Any], n: int) -> None:
+    from aioshm import _slotqueue as sq
+
+    assert (sq.speedups is None) == (os.environ.get("AIOSHM_PURE_PYTHON") == "1")
+
+    async def main() -> None:
+        async with tx:
+            for i in range(n):
+                await tx.send_many(_batch_items(i))
+
+    anyio.run(main)
+
+
+@needs_c
+@pytest.mark.parametrize("child_pure", [True, False])
+def test_batches_cross_between_a_process_with_the_extension_and_one_without(
+    monkeypatch: pytest.MonkeyPatch, child_pure: bool
+) -> None:
+    """send_many in a child on either path, recv_many here on the C path, through a
+    queue smaller than a batch: both sides sleep and wake each other, and every message
+    arrives once, in order."""
+    ctx = multiprocessing.get_context("spawn")
+    monkeypatch.setenv("AIOSHM_PURE_PYTHON", "1" if child_pure else "0")
+    n = 600
+    tx, rx = aioshm.open_channel(2, 256)
+    sender = ctx.Process(target=_child_sends_batches, args=(tx, n))
+    with tx:
+        sender.start()
+    got: list[Any] = []
+
+    async def main() -> None:
+        async with rx:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        got.extend(_value(x) for x in await rx.recv_many(3))
+                    except anyio.EndOfStream:
+                        return
+
+    anyio.run(main)
+    sender.join(30)
+    assert sender.exitcode == 0
+    assert got == _flat(n)
 
 
 @needs_c
