@@ -23,7 +23,8 @@ The *encoded size*, checked against ``max_message_size``, is the payload plus wh
 of the header does not fit in the reserved header space: for an array, its ``nbytes``.
 
 :func:`decode` reads a message either from memory the receiver owns (a private copy:
-the result may keep pointing into it) or from the slot itself (the result must copy).
+the result may keep pointing into it) or from the slot itself (the result must copy: a
+large array into a buffer of :mod:`aioshm._recvbuf`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
+from . import _recvbuf
 from ._layout import ALIGN, HEADER_RESERVE
 from ._slotqueue import CorruptMessage
 
@@ -503,7 +505,11 @@ def decode(message: memoryview | bytearray, owned: bool) -> Any:
             info = _array_info(message)
         # Positional arguments: numpy parses keywords to ndarray() at twice the cost.
         array = np.ndarray(info.shape, info.dtype, message, info.offset, None, info.order)
-        return array if owned else array.copy(order="K")
+        if owned:
+            return array
+        out = _recvbuf.empty(info.shape, info.dtype, info.order)
+        np.copyto(out, array, casting="no")
+        return out
     if kind == BYTES:
         offset, length = _bytes_span(message)
         return bytes(message[offset : offset + length])

@@ -268,3 +268,18 @@ def die_copying_out(rx: aioshm.ReceiveChannel[Any], ready: aioshm.SendChannel[An
 
     _channel.decode = stuck  # type: ignore[assignment]
     rx.recv_blocking(timeout=10)
+
+
+def produce_filled(tx: aioshm.SendChannel[Any], count: int, size: int) -> None:
+    """Send ``count`` float64 arrays of ``size`` elements, array ``i`` filled with ``i``."""
+    with tx:
+        for i in range(count):
+            tx.send_blocking(np.full(size, float(i)))
+
+
+def pool_is_empty_after_fork(result: aioshm.SendChannel[Any]) -> None:
+    """Report whether this forked child's receive-buffer pool started empty."""
+    from aioshm import _recvbuf
+
+    with result:
+        result.send_blocking(_recvbuf.kept())
