@@ -42,9 +42,19 @@ KEEP_BYTES: Final = 256 << 20
 
 _lock = threading.Lock()
 _buffers: list[Array] = []
-#: ``sys.getrefcount`` of a buffer that only the pool refers to, seen from
-#: :func:`_take`: the list's reference, the local variable and the call's argument.
-_UNUSED_REFS: Final = 3
+
+
+def _refs(buffers: list[Array], i: int) -> int:
+    """``sys.getrefcount`` of ``buffers[i]``, always taken the same way: compared with
+    :data:`_UNUSED_REFS`, which was taken the same way (how many references the call
+    itself adds differs between Python versions)."""
+    buffer = buffers[i]
+    return sys.getrefcount(buffer)
+
+
+#: What :func:`_refs` counts for a buffer that only its list refers to: measured, not
+#: assumed. One more means an array, a view or anything else still holds it.
+_UNUSED_REFS: Final = _refs([np.empty(1, np.uint8)], 0)
 
 
 def empty(shape: tuple[int, ...], dtype: np.dtype[Any], order: Literal["C", "F"]) -> Array:
@@ -65,8 +75,8 @@ def _take(nbytes: int) -> Array:
     """A buffer of at least ``nbytes`` (at most a quarter more) that nothing uses."""
     spare = -1
     for i in range(len(_buffers)):
-        buffer = _buffers[i]
-        if sys.getrefcount(buffer) == _UNUSED_REFS:
+        if _refs(_buffers, i) == _UNUSED_REFS:
+            buffer = _buffers[i]
             size = buffer.nbytes
             if nbytes <= size <= nbytes + nbytes // 4:
                 return buffer
