@@ -453,7 +453,7 @@ def test_acknowledgement_applied_but_unconfirmed_while_no_server_answers(
         assert own_server.process is not None
         own_server.process.send_signal(signal.SIGSTOP)  # ...and no server answers
         try:
-            pending = _bridge.submit(link.acknowledge([(msg, arrived)]))
+            pending = _bridge.submit(link.bridge_lane.acknowledge([(msg, arrived)]))
             # The outage outlasts ack_wait, and every retry so far went unanswered.
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 pending.result(link.ack_wait * 2)
@@ -477,7 +477,7 @@ def test_late_acknowledgement_of_a_message_delivered_again_elsewhere(
         first = _bridge.run(_deliver_without_ack(link), 20)
         arrived = time.monotonic()
         assert rx.recv_blocking(30) == "once"  # delivered again, after ack_wait
-        assert _bridge.run(link.acknowledge([(first, arrived)]), 30) == []
+        assert _bridge.run(link.bridge_lane.acknowledge([(first, arrived)]), 30) == []
         assert rx.statistics().redelivered_messages == 1
 
 
