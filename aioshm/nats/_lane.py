@@ -38,7 +38,7 @@ import nats.js.errors
 from anyio import BrokenResourceError, EndOfStream
 from nats.aio.msg import Msg
 
-from ._call import PENDING, Call
+from ._call import DONE, PENDING, Call
 
 if TYPE_CHECKING:
     from ._link import Link
@@ -155,7 +155,7 @@ class Waiter:
 
     @property
     def state(self) -> int:
-        return PENDING if not self.future.done() else -1
+        return PENDING if not self.future.done() else DONE
 
     def begin(self) -> bool:
         return not self.future.done()
