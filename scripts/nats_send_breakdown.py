@@ -6,22 +6,22 @@ Against a local ``nats-server`` (``aioshm.nats.LocalServer``), each round measur
 turn, messages of 10 x float64, as messages per second. One sender alone, awaiting
 each message's storage (nobody receives):
 
-``raw publish``         nats-py ``js.publish`` with a ``Nats-Msg-Id``, on a connection
-                        and loop of its own, to a work-queue stream with a pull consumer
-``raw, aioshm's conn``  the same publish on aioshm's connection, to the channel's stream,
-                        run on aioshm's NATS thread
-``Link.publish``        aioshm's publish (its retry loop around the same), awaited there
-``send, NATS thread``   ``tx.send`` called on aioshm's NATS thread: the hand-over (a task
-                        per publish, a wake-up back to the caller) without a thread switch
-``send``                ``tx.send`` from the caller's own loop: what users run
+``raw publish``        nats-py ``js.publish`` with a ``Nats-Msg-Id``, on a connection
+                       and loop of its own, to a work-queue stream with a pull consumer
+``Lane.publish``       aioshm's publish (its retry loop around the same request), awaited
+                       on the caller's loop, on that loop's own connection (its lane)
+``send, asyncio``      ``tx.send`` on asyncio: the same, through the handle
+``send, trio``         ``tx.send`` under trio: handed over to aioshm's NATS thread (a
+                       task per publish there, a wake-up back per result, a thread switch
+                       each way)
 
 Then one sender and one receiver task together (``recv_many(64)``), as in
 ``python -m aioshm.bench --network``: raw nats-py (awaited publishes, fetches with an
-acknowledgement per message), aioshm with both tasks on aioshm's NATS thread (no thread
-switch at all), and aioshm from the caller's loop.
+acknowledgement per message), aioshm on asyncio (the benchmark's case), and aioshm
+under trio.
 
 It prints the median of each line and its ratio to the raw line above it. Needs
-``aioshm[nats]``.
+``aioshm[nats]`` and trio.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import nats
 from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 
 import aioshm.nats
 from aioshm._codec import encode_bytes
 from aioshm.bench.network import SMALL, _raw_jetstream
-from aioshm.nats import _bridge
-from aioshm.nats._call import Call
+from aioshm.nats._lane import Here
 from aioshm.nats._link import close_links
 
 
@@ -69,19 +69,12 @@ async def _raw_publish(url: str, count: int) -> float:
     return rate
 
 
-async def _raw_on_link(tx: Any, count: int) -> float:
-    link, payload = tx._link, encode_bytes(SMALL, 256)
+async def _lane_publish(tx: Any, count: int) -> float:
+    lane = await tx._link.lane_here()
+    payload = encode_bytes(SMALL, 256)
     started = time.perf_counter()
     for i in range(count):
-        await link.js.publish(link.subject, payload, timeout=2.0, headers={"Nats-Msg-Id": f"r{i}"})
-    return count / (time.perf_counter() - started)
-
-
-async def _link_publish(tx: Any, count: int) -> float:
-    link, payload = tx._link, encode_bytes(SMALL, 256)
-    started = time.perf_counter()
-    for i in range(count):
-        await link.publish(Call(), payload, f"l{i}")
+        await lane.publish(Here(), payload, f"l{i}")
     return count / (time.perf_counter() - started)
 
 
@@ -99,11 +92,11 @@ async def _flow(tx: Any, rx: Any, count: int) -> float:
         for _ in range(count):
             await tx.send(SMALL)
 
-    producer = asyncio.ensure_future(produce())
-    received = 0
-    while received < count:
-        received += len(await rx.recv_many(64))
-    await producer
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(produce)
+        received = 0
+        while received < count:
+            received += len(await rx.recv_many(64))
     return count / (time.perf_counter() - started)
 
 
@@ -114,32 +107,25 @@ def main() -> None:
     with aioshm.nats.LocalServer() as server:
         url = server.url
 
-        def channel(capacity: int) -> tuple[Any, Any]:
-            name = f"{url}/breakdown{uuid.uuid4().hex[:8]}"
-            return aioshm.nats.open_channel(name, capacity=capacity, max_message_size=256)
-
         def measure(
-            label: str, run: Callable[..., Awaitable[float]], bridge: bool, flow: bool = False
+            label: str, run: Callable[..., Awaitable[float]], backend: str, flow: bool = False
         ) -> None:
-            """``run`` on aioshm's NATS thread (``bridge``) or on a loop of this thread."""
-            tx, rx = channel(64 if flow else count + 16)
+            name = f"{url}/breakdown{uuid.uuid4().hex[:8]}"
+            tx, rx = aioshm.nats.open_channel(name, capacity=64 if flow else count + 16)
             args = (tx, rx, count) if flow else (tx, count)
-            coro: Any = run(*args)
-            rate = _bridge.run(coro) if bridge else asyncio.run(coro)
-            results.setdefault(label, []).append(rate)
+            results.setdefault(label, []).append(anyio.run(run, *args, backend=backend))
             tx.close()
             rx.close()
 
         for _ in range(rounds):
             results.setdefault("raw publish", []).append(asyncio.run(_raw_publish(url, count)))
-            measure("raw, aioshm's conn", _raw_on_link, bridge=True)
-            measure("Link.publish", _link_publish, bridge=True)
-            measure("send, NATS thread", _send, bridge=True)
-            measure("send", _send, bridge=False)
+            measure("Lane.publish", _lane_publish, "asyncio")
+            measure("send, asyncio", _send, "asyncio")
+            measure("send, trio", _send, "trio")
             raw_flow = asyncio.run(_raw_jetstream(url, SMALL.tobytes(), count))
             results.setdefault("flow: raw", []).append(raw_flow)
-            measure("flow: NATS thread", _flow, bridge=True, flow=True)
-            measure("flow: send/recv", _flow, bridge=False, flow=True)
+            measure("flow: asyncio", _flow, "asyncio", flow=True)
+            measure("flow: trio", _flow, "trio", flow=True)
         close_links()
     print(f"median of {rounds} rounds of {count} messages (10 x float64)")
     base = 0.0

@@ -315,6 +315,49 @@ def test_native_asyncio_cancellation(server: LocalServer) -> None:
         asyncio.run(main())
 
 
+def test_send_cancelled_once_on_the_wire_completes(server: LocalServer) -> None:
+    """On asyncio, a send publishes from its own task; once its publish is on the wire,
+    a native cancellation waits for the server's answer and the send completes (the
+    cancellation is not raised again): the message is stored, once."""
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+
+    async def main() -> list[Any]:
+        await tx.send("before")  # this loop's connection is up
+        send = asyncio.ensure_future(tx.send("on the wire"))
+        await asyncio.sleep(0)  # the send ran up to awaiting the server's answer
+        send.cancel()
+        assert await send is None
+        tx.close()
+        return [item async for item in rx]
+
+    with tx, rx:
+        assert asyncio.run(main()) == ["before", "on the wire"]
+
+
+def test_receive_cancelled_as_messages_are_handed_to_it_returns_them(
+    server: LocalServer,
+) -> None:
+    """On asyncio, a receive waits in its own task; messages handed to it are past the
+    point of no return: a native cancellation that comes before the task runs again is
+    deferred, and the messages returned."""
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+
+    async def main() -> Any:
+        msg = await _deliver_without_ack(rx._link)  # held here, not pulled by the receive
+        recv = asyncio.ensure_future(rx.recv())
+        while rx.statistics().tasks_waiting_receive == 0:
+            await asyncio.sleep(0.01)
+        lane = await rx._link.lane_here()
+        lane.buffer.append((msg, time.monotonic()))
+        lane._match()  # handed over...
+        recv.cancel()  # ...and cancelled before the receive's task runs again
+        return await recv
+
+    with tx, rx:
+        tx.send_blocking("handed", 10)
+        assert asyncio.run(main()) == "handed"
+
+
 # ---------------------------------------------------------------- processes
 
 
@@ -425,15 +468,15 @@ def _recv_or_none(rx: aioshm.nats.ReceiveChannel[Any]) -> Any:
 
 
 async def _deliver_without_ack(link: Any) -> Any:
-    """One message of ``link``'s channel, delivered (on the bridge loop) to a
-    connection of its own and not acknowledged: a receiver's copy of it."""
+    """One message of ``link``'s channel, delivered to a connection of its own and not
+    acknowledged: a receiver's copy of it (a lane acknowledges it from its own
+    connection, as any message)."""
     import nats
 
     nc = await nats.connect(link.address.servers[0])
     sub = await nc.jetstream().pull_subscribe_bind(link.consumer, link.stream)
     [msg] = await sub.fetch(1, timeout=10)
     await nc.close()
-    msg._client = link.nc  # acknowledged through the link, as the link's own would be
     return msg
 
 
@@ -457,7 +500,7 @@ def test_acknowledgement_applied_but_unconfirmed_while_no_server_answers(
         assert own_server.process is not None
         own_server.process.send_signal(signal.SIGSTOP)  # ...and no server answers
         try:
-            pending = _bridge.submit(link.acknowledge([(msg, arrived)]))
+            pending = _bridge.submit(link.bridge_lane.acknowledge([(msg, arrived)]))
             # The outage outlasts ack_wait, and every retry so far went unanswered.
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 pending.result(link.ack_wait * 2)
@@ -482,7 +525,7 @@ def test_late_acknowledgement_of_a_message_delivered_again_elsewhere(
         first = _bridge.run(_deliver_without_ack(link), 20)
         arrived = time.monotonic()
         assert rx.recv_blocking(30) == "once"  # delivered again, after ack_wait
-        assert _bridge.run(link.acknowledge([(first, arrived)]), 30) == []
+        assert _bridge.run(link.bridge_lane.acknowledge([(first, arrived)]), 30) == []
         assert rx.statistics().redelivered_messages == 1
 
 
@@ -741,6 +784,28 @@ def test_closing_receiver_gives_back_what_it_pulled_ahead(server: LocalServer) -
         got = [x for x in iter(lambda: _recv_or_none(rx), None)]
     assert sorted(got) == list(range(1, 10))
     assert time.monotonic() - exited < 10
+
+
+def test_ended_event_loop_gives_back_what_its_connection_pulled_ahead(
+    server: LocalServer,
+) -> None:
+    """asyncio callers receive on a connection of their loop's own. Messages it pulled
+    ahead go to the other receivers once the loop ends (``asyncio.run`` returns), not
+    after ack_wait (30 s here, past the receives' timeout)."""
+    url = channel_url(server, "ack_wait=30&prefetch=4")
+    tx, rx = aioshm.open_channel(name=url, capacity=16)
+    with tx, rx:
+        for i in range(6):
+            tx.send_blocking(i, 10)
+
+        async def take_one() -> Any:
+            first = await rx.recv()
+            while rx.statistics().slots_in_use < 4:  # the four pulled ahead are here
+                await asyncio.sleep(0.01)
+            return first
+
+        assert asyncio.run(take_one()) == 0
+        assert sorted(rx.recv_blocking(10) for _ in range(5)) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow

@@ -2,9 +2,12 @@
 
 ``nats-py`` is an asyncio library; aioshm's handles are called from asyncio, trio or
 plain threads. Every process that uses a network channel gets one daemon thread running
-one asyncio loop (started on first use, started afresh in a forked child). Work is handed
-to it with :func:`spawn` (fire and forget, from any thread) or :func:`run` (wait for the
-result, from a thread that is not the bridge's own).
+one asyncio loop (started on first use, started afresh in a forked child), which owns
+each link's own connection: setup, the registry of handles and their heartbeats, and the
+sends and receives of trio and blocking callers (asyncio callers use a connection of
+their own loop: see ``_lane``). Work is handed to it with :func:`spawn` (fire and
+forget, from any thread) or :func:`run` (wait for the result, from a thread that is not
+the bridge's own).
 """
 
 from __future__ import annotations

@@ -86,6 +86,10 @@ class Call(Generic[T]):
             notify()
         return False
 
+    def interrupt(self, exc: BaseException) -> None:
+        """The bridge's task doing the work was cancelled (the link is closing): the
+        caller's own cancellation is recorded by :meth:`wait`, not here."""
+
     def _finish(self, state: int, result: T | None, error: BaseException | None) -> bool:
         with self._lock:
             if self.state == ABANDONED:

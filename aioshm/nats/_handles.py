@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import uuid
@@ -31,7 +32,8 @@ from aioshm._closing import Closing
 from aioshm._codec import decode, encode_bytes
 from aioshm.nats import _bridge
 from aioshm.nats._call import PENDING, Call
-from aioshm.nats._link import REQUEST_TIMEOUT, Link, _broken, get_link
+from aioshm.nats._lane import Here, Lane
+from aioshm.nats._link import REQUEST_TIMEOUT, Link, broken, get_link
 from aioshm.nats._url import Address, parse
 
 __all__ = ["ReceiveChannel", "SendChannel"]
@@ -74,7 +76,7 @@ class _Handle(Closing):
         self._subject = subject or ""
         self._closed = False
         self._owned = subject is not None
-        self._calls: set[Call[Any]] = set()
+        self._calls: set[Any] = set()  # Calls, and Here / Waiter calls of lanes
         self._max_message_size = link.max_message_size
         if self._owned:
             _ownership.track(self)
@@ -94,6 +96,16 @@ class _Handle(Closing):
         if self._closed or not self._owned or self._link is None:
             self._raise_unusable()
         return self._link
+
+    @staticmethod
+    async def _lane(link: Link) -> Lane | None:
+        """The running asyncio loop's lane, which the caller's task uses directly;
+        ``None`` under trio (or if it cannot connect): the bridge's, through a Call."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return await link.lane_here()
 
     async def _wait(self, call: Call[Any]) -> Any:
         self._calls.add(call)
@@ -159,7 +171,8 @@ class _Handle(Closing):
         and not yet acknowledged; ``reclaimed_slots`` is always 0."""
         link = self._usable_link()
         counts, buffered, held, redelivered = _bridge.run(link.stats(), timeout=30)
-        waiting_recv = sum(1 for call, _ in list(link.waiters) if call.state == PENDING)
+        waiters = [call for lane in link.all_lanes() for call, _ in list(lane.waiters)]
+        waiting_recv = sum(1 for call in waiters if call.state == PENDING)
         return ChannelStatistics(
             current_buffer_used=buffered,
             max_buffer_size=link.capacity,
@@ -247,9 +260,9 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         link = self._usable_link()
         data = encode_bytes(item, self._max_message_size)
         if link.counts.receivers == 0:
-            raise _broken()
+            raise broken()
         call: Call[None] = Call()
-        _bridge.spawn(link.publish(call, data, f"{self._prefix}.{next(self._ids)}"))
+        _bridge.spawn(link.bridge_lane.publish(call, data, f"{self._prefix}.{next(self._ids)}"))
         return call
 
     def send_nowait(self, item: T_contra) -> None:
@@ -272,14 +285,32 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         Cancellation: cancelled while it waits for room, nothing was sent. A publish on
         the wire is a point of no return: a cancellation that arrives then waits for the
         server's answer, and is deferred if the message was stored.
+
+        On asyncio, the calling task publishes on its loop's own connection; under trio,
+        the bridge's thread does, for it.
         """
         link = self._usable_link()
-        call = self._start(item)
+        lane = await self._lane(link)
+        if lane is None:
+            call = self._start(item)
+            link.waiting_send += 1
+            try:
+                await self._wait(call)
+            finally:
+                link.waiting_send -= 1
+            return
+        data = encode_bytes(item, self._max_message_size)
+        if link.counts.receivers == 0:
+            raise broken()
+        here = Here()
+        self._calls.add(here)
         link.waiting_send += 1
         try:
-            await self._wait(call)
+            await lane.publish(here, data, f"{self._prefix}.{next(self._ids)}")
         finally:
             link.waiting_send -= 1
+            self._calls.discard(here)
+        here.outcome()
 
     def send_blocking(self, item: T_contra, timeout: float | None = None) -> None:
         """Send from code with no event loop, waiting up to ``timeout`` seconds.
@@ -351,7 +382,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
     def _start(self, max_items: int) -> Call[list[Msg]]:
         link = self._usable_link()
         call: Call[list[Msg]] = Call()
-        _bridge.call_soon(link.add_waiter, call, max_items)
+        _bridge.call_soon(link.bridge_lane.add_waiter, call, max_items)
         return call
 
     def receive_nowait(self) -> T_co:
@@ -364,8 +395,11 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         :raises anyio.ClosedResourceError: this handle is closed
         """
         link = self._usable_link()
-        taken = link.take_buffered(1)
-        msgs = _bridge.run(link.acknowledge(taken)) if taken else []
+        taken = []
+        for lane in link.all_lanes():
+            if taken := lane.take_buffered(1):
+                break
+        msgs = _bridge.run(link.bridge_lane.acknowledge(taken)) if taken else []
         if not msgs:
             raise WouldBlock
         return self._decode(msgs)[0]  # type: ignore[no-any-return]
@@ -407,7 +441,10 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         here. Raises as :meth:`receive`; cancelled, nothing was received."""
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, not {max_items}")
-        return self._decode(await self._wait(self._start(max_items)))
+        lane = await self._lane(self._usable_link())
+        if lane is None:
+            return self._decode(await self._wait(self._start(max_items)))
+        return self._decode(await lane.receive(max_items, self._calls))
 
     def recv_view(self) -> NoReturn:
         """Raises ``TypeError``: shared-memory channels only."""

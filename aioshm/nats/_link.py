@@ -1,4 +1,6 @@
-"""One process's connection to one network channel, and what it does on the bridge loop.
+"""One process's connection to one network channel: its setup, and the registry of
+handles, kept on the bridge loop. The data path (publishing, pulling, acknowledging)
+is in :mod:`aioshm.nats._lane`, on the bridge loop and on each asyncio caller's loop.
 
 Server-side layout of a channel ``C`` (created by ``open_channel``):
 
@@ -20,27 +22,24 @@ Server-side layout of a channel ``C`` (created by ``open_channel``):
 * stream ``AIOSHM_C_E`` on ``aioshm.C.e.>``: events counted by ``statistics()``, and
   claims (``e.claim.<seq>``, one message each) that settle which receiver returns a
   message delivered again, or whose acknowledgement was confirmed late (see
-  ``Link._ack``).
+  ``Lane._judge``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import ssl
 import threading
 import time
 import uuid
-from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
 import nats
 import nats.errors
 import nats.js.errors
-from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
-from nats.aio.msg import Msg
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -51,34 +50,20 @@ from nats.js.api import (
 )
 
 from . import _bridge
-from ._call import PENDING, Call
+from ._lane import _WRONG_LAST, EOS_EVERY, REQUEST_TIMEOUT, Lane, broken
 from ._url import Address
 
-__all__ = ["Counts", "Link", "get_link"]
+__all__ = ["EOS_EVERY", "REQUEST_TIMEOUT", "Counts", "Link", "broken", "get_link"]
 
 #: Room for the message headers NATS adds, on top of the encoded message.
 HEADER_SLACK = 4096
-#: How long one pull request waits at the server.
-PULL_EXPIRES = 1.0
-#: How often a waiting receiver checks for the end of the stream while idle.
-EOS_EVERY = 0.2
-#: A waiting sender retries a full channel this often at most.
-FULL_BACKOFF = 0.02
 #: A count of handles that drops to none is confirmed by asking again after this long.
 CONFIRM_AFTER = 0.25
 #: After this process's heartbeats failed, a count of none is believed again only once
 #: they have been stored for a beat (a quarter of ``heartbeat``) and this much more.
 BEAT_SLACK = 0.5
-#: How long one publish or API request may take before it is retried.
-REQUEST_TIMEOUT = 2.0
-#: An acknowledgement confirmed within this share of ``ack_wait`` after the message
-#: arrived was applied before the server could deliver the message elsewhere.
-ACK_IN_TIME = 0.8
 #: A reservation made while pickling a handle lasts this long unless it is claimed.
 RESERVATION_LIFETIME = 60.0
-_FULL = 10077  # JetStream's "maximum messages exceeded"
-_WRONG_LAST = 10071  # "wrong last sequence"
-_MSG_TOO_BIG = 10054
 
 
 class Counts(NamedTuple):
@@ -88,10 +73,6 @@ class Counts(NamedTuple):
 
 async def _ignore(*_: object) -> None:
     """nats-py's callbacks must be coroutine functions; aioshm handles reconnection."""
-
-
-def _is_full(error: BaseException) -> bool:
-    return isinstance(error, nats.js.errors.APIError) and error.err_code == _FULL
 
 
 class Link:
@@ -124,26 +105,25 @@ class Link:
         self._beat: asyncio.Task[None] | None = None
         self._beats_ok = True  # this process's last heartbeats were stored
         self._beats_ok_since = -float("inf")
-        # receiving
-        self.lock = threading.Lock()
-        self.waiters: deque[tuple[Call[list[Msg]], int]] = deque()
-        self.buffer: deque[tuple[Msg, float]] = deque()
-        self.requests: deque[list[float]] = deque()  # [deadline, remaining]
+        self.reconnected_at = -float("inf")
+        self.connect_timeout = 5.0
+        # the data path: the bridge loop's lane, and the asyncio callers' loops' lanes
+        self.lane: Lane | None = None
+        self.lanes: dict[asyncio.AbstractEventLoop, Lane] = {}
+        self._lanes_lock = threading.Lock()
         self.local_receivers = 0
         self.waiting_send = 0
-        self.eos = False
-        self._inbox = ""
-        self._sub: Any = None
-        self._pump: asyncio.Task[None] | None = None
-        self._poke: asyncio.Event | None = None
-        self._last_arrival = 0.0
-        self._reconnected_at = -float("inf")
-        self._acks: set[asyncio.Task[None]] = set()
-        self.claimer = uuid.uuid4().hex  # this link's token in claims (see _claim)
+        self.claimer = uuid.uuid4().hex  # this link's token in claims (see Lane._claim)
 
     # ---------------------------------------------------------------- setup
 
-    async def _connect(self, connect_timeout: float) -> None:
+    async def connect(
+        self, connect_timeout: float, reconnected: Callable[[], Coroutine[Any, Any, None]]
+    ) -> Any:
+        """A new connection to the channel's servers, on the running loop.
+
+        :raises OSError: none within ``connect_timeout`` (the message names the URL)
+        """
         address, options = self.address, self.options
         kwargs: dict[str, Any] = {
             "servers": list(address.servers),
@@ -153,7 +133,7 @@ class Link:
             "reconnect_time_wait": 0.25,
             "error_cb": _ignore,
             "disconnected_cb": _ignore,
-            "reconnected_cb": self._reconnected,
+            "reconnected_cb": reconnected,
             "closed_cb": _ignore,
             "name": f"aioshm {address.channel}",
         }
@@ -170,7 +150,7 @@ class Link:
             if address.scheme == "tls":
                 kwargs["tls_handshake_first"] = bool(options.get("tls_handshake_first", False))
         try:
-            self.nc = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 nats.connect(**kwargs), connect_timeout * len(address.servers) + 1
             )
         except (OSError, TimeoutError, nats.errors.Error, ssl.SSLError) as exc:
@@ -178,7 +158,6 @@ class Link:
                 f"cannot connect to the NATS server(s) of {address.url} within "
                 f"connect_timeout={connect_timeout} s ({type(exc).__name__}: {exc})"
             ) from exc
-        self.js = self.nc.jetstream(timeout=REQUEST_TIMEOUT)
 
     async def _api(self, coro_factory: Any, what: str, deadline: float) -> Any:
         """Run a JetStream API request, retrying while the cluster elects a leader."""
@@ -208,12 +187,17 @@ class Link:
                 if create:
                     self._check_matches(capacity, max_message_size)
                 return
-            await self._connect(connect_timeout)
+            self.connect_timeout = connect_timeout
+            self.nc = await self.connect(connect_timeout, self._reconnected)
+            self.js = self.nc.jetstream(timeout=REQUEST_TIMEOUT)
             try:
                 await self._declare(create, capacity, max_message_size, connect_timeout)
+                lane = Lane(self, asyncio.get_running_loop())
+                await lane.attach(self.nc)
             except BaseException:
                 await self.nc.close()
                 raise
+            self.lane = lane
             self.ready = True
             self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
 
@@ -329,15 +313,65 @@ class Link:
         self.heartbeat = float(hb.config.max_age or address.heartbeat)
 
     async def close(self) -> None:
-        """Give back what is buffered, flush acknowledgements, and disconnect."""
-        for task in (self._pump, self._beat):
-            if task is not None:
-                task.cancel()
-        await self._give_back_buffer()
-        if self._acks:
-            await asyncio.wait(list(self._acks), timeout=REQUEST_TIMEOUT)
+        """Close every lane (giving back what they hold) and disconnect."""
+        if self._beat is not None:
+            self._beat.cancel()
+        with self._lanes_lock:
+            lanes = list(self.lanes.values())
+            self.lanes.clear()
+        for lane in lanes:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: so is its lane
+                lane.loop.call_soon_threadsafe(_close_soon, lane)
+        if self.lane is not None:
+            await self.lane.close()
         if self.nc is not None:
             await self.nc.close()
+
+    # ---------------------------------------------------------------- lanes
+
+    async def lane_here(self) -> Lane | None:
+        """The lane of the running asyncio loop, connected on first use; ``None`` if it
+        cannot connect (the caller goes through the bridge instead)."""
+        loop = asyncio.get_running_loop()
+        lane = self.lanes.get(loop)
+        if lane is None:
+            if self.lane is not None and loop is self.lane.loop:
+                return self.lane
+            with self._lanes_lock:
+                for old in [old for old in self.lanes if old.is_closed()]:
+                    del self.lanes[old]
+                lane = self.lanes.setdefault(loop, Lane(self, loop))
+        if not lane.ready:
+            try:
+                await lane.start()
+            except OSError:
+                return None
+        return lane
+
+    @property
+    def bridge_lane(self) -> Lane:
+        """The bridge loop's lane (on the link's own connection)."""
+        assert self.lane is not None, "the link is not set up"
+        return self.lane
+
+    def all_lanes(self) -> list[Lane]:
+        """The bridge's lane and every caller loop's (from any thread)."""
+        with self._lanes_lock:
+            lanes = list(self.lanes.values())
+        return [self.lane, *lanes] if self.lane is not None else lanes
+
+    async def receivers_closed(self) -> None:
+        """The last receive handle of this process closed: give back what every lane
+        pulled ahead, from the bridge's connection."""
+        for lane in self.all_lanes():
+            await self.bridge_lane.give_back(lane.take_all())
+
+    async def _reconnected(self) -> None:
+        """Back from a disconnection: re-publish this process's handles now."""
+        self.reconnected_at = time.monotonic()
+        with contextlib.suppress(nats.errors.Error, OSError):
+            for subject in list(self.owned):
+                await self.nc.publish(subject, b"open")
 
     # ---------------------------------------------------------------- registry
 
@@ -376,18 +410,20 @@ class Link:
             await self.js.purge_stream(self.hb_stream, subject=subject)
         await self.refresh()
 
-    async def refresh(self) -> Counts:
-        """Count the open handles of every process, asking the server.
+    async def refresh(self, js: Any = None) -> Counts:
+        """Count the open handles of every process, asking the server (through ``js``,
+        of the running loop's connection; by default the link's own).
 
         A side that drops to none is asked again a moment later: during a cluster's
         leader change an answer may briefly miss what is there, and "no receiver" or
         "no sender" ends the channel, so it must be sure.
         """
-        counts = await self._count()
+        js = js or self.js
+        counts = await self._count(js)
         before = self.counts
         if (counts.senders == 0 < before.senders) or (counts.receivers == 0 < before.receivers):
             await asyncio.sleep(CONFIRM_AFTER)
-            counts = await self._count()
+            counts = await self._count(js)
             if not self.beats_trusted():  # live handles may have expired with the leader
                 counts = Counts(
                     counts.senders or before.senders, counts.receivers or before.receivers
@@ -419,8 +455,8 @@ class Link:
             self._beats_ok = True
             self._beats_ok_since = time.monotonic()
 
-    async def _count(self) -> Counts:
-        info = await self.js.stream_info(self.hb_stream, subjects_filter=f"{self.hb_prefix}.>")
+    async def _count(self, js: Any) -> Counts:
+        info = await js.stream_info(self.hb_stream, subjects_filter=f"{self.hb_prefix}.>")
         senders = receivers = 0
         for subject in info.state.subjects or {}:
             side = subject[len(self.hb_prefix) + 1 : len(self.hb_prefix) + 2]
@@ -457,302 +493,6 @@ class Link:
             except (nats.errors.Error, OSError):
                 continue  # no server now: try again next beat
 
-    # ---------------------------------------------------------------- sending
-
-    async def publish(self, call: Call[None], data: bytes | memoryview, msg_id: str) -> None:
-        """Publish one message for ``call``; retry while the channel is full."""
-        committed = False  # an attempt may have been stored: never retreat after it
-        backoff = 0.001
-        headers = {"Nats-Msg-Id": msg_id}
-        while True:
-            if not committed and not call.begin():
-                return
-            try:
-                await self.js.publish(
-                    self.subject, bytes(data), timeout=REQUEST_TIMEOUT, headers=headers
-                )
-            except nats.js.errors.APIError as exc:
-                if _is_full(exc):
-                    if not committed:
-                        if time.monotonic() - self.counted_at > EOS_EVERY:
-                            await self._refresh_quietly()
-                        if self.counts.receivers == 0:
-                            call.fail(_broken())
-                            return
-                        if not call.retreat():
-                            return
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, FULL_BACKOFF)
-                    continue
-                if exc.err_code == _MSG_TOO_BIG:
-                    call.fail(ValueError(f"the server refused the message: {exc.description}"))
-                    return
-                if (
-                    isinstance(exc, nats.js.errors.ServiceUnavailableError)
-                    or (exc.code or 0) >= 500
-                ):
-                    committed = True  # no leader right now: unknown whether stored
-                    await asyncio.sleep(0.05)
-                    continue
-                call.fail(
-                    OSError(f"publishing to {self.address.url} failed: {type(exc).__name__}: {exc}")
-                )
-                return
-            except (nats.errors.Error, OSError, TimeoutError):
-                # Lost request or reply, or no server: the same id is stored once.
-                committed = True
-                await asyncio.sleep(0.05)
-                continue
-            call.settle(None)
-            return
-
-    async def _refresh_quietly(self) -> None:
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await self.refresh()
-
-    # ---------------------------------------------------------------- receiving
-
-    def take_buffered(self, max_items: int) -> list[tuple[Msg, float]]:
-        """Messages already here with their arrival times, oldest first (from any
-        thread); the caller must :meth:`acknowledge` them before handing them out."""
-        with self.lock:
-            if self.waiters or not self.buffer:
-                return []
-            taken: list[tuple[Msg, float]] = []
-            while self.buffer and len(taken) < max_items:
-                taken.append(self.buffer.popleft())
-            return taken
-
-    def add_waiter(self, call: Call[list[Msg]], max_items: int) -> None:
-        """Queue a receiving caller (on the bridge loop)."""
-        with self.lock:
-            self.waiters.append((call, max_items))
-        self._wake()
-
-    def fail_waiters(self, error: BaseException, calls: set[Call[Any]] | None = None) -> None:
-        """Fail queued receiving callers (all, or those in ``calls``) that are pending."""
-        with self.lock:
-            for call, _ in self.waiters:
-                if (calls is None or call in calls) and call.state == PENDING:
-                    call.fail(error)
-
-    def _wake(self) -> None:
-        if self._poke is None:
-            self._poke = asyncio.Event()
-            self._inbox = self.nc.new_inbox()
-            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
-        self._poke.set()
-
-    async def _run_pump(self) -> None:
-        assert self._poke is not None
-        self._sub = await self.nc.subscribe(self._inbox, cb=self._arrived)
-        next_eos_check = 0.0
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), EOS_EVERY / 2)
-            self._poke.clear()
-            now = time.monotonic()
-            while self.requests and self.requests[0][0] < now:
-                self.requests.popleft()
-            self._match()
-            with self.lock:
-                demand = sum(n for call, n in self.waiters)
-                if self.local_receivers > 0 and demand:
-                    demand += self.address.prefetch
-                demand -= len(self.buffer) + sum(int(r[1]) for r in self.requests)
-                waiting = bool(self.waiters)
-                stale = [m for m, at in self.buffer if not self.waiters and now - at > self._hold()]
-                if stale:
-                    self.buffer.clear()
-            for msg in stale:
-                await self._give_back(msg)
-            if demand > 0:
-                await self._pull(min(demand, 256))
-            if waiting and now >= next_eos_check and now - self._last_arrival > EOS_EVERY:
-                next_eos_check = now + EOS_EVERY
-                await self._check_end()
-
-    def _hold(self) -> float:
-        return min(1.0, self.ack_wait / 4)
-
-    async def _pull(self, batch: int) -> None:
-        request = {"batch": batch, "expires": int(PULL_EXPIRES * 1e9)}
-        try:
-            await self.nc.publish(
-                f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}",
-                json.dumps(request).encode(),
-                reply=self._inbox,
-            )
-        except (nats.errors.Error, OSError):
-            return
-        self.requests.append([time.monotonic() + PULL_EXPIRES + 0.5, float(batch)])
-
-    async def _arrived(self, msg: Msg) -> None:
-        status = msg.headers.get("Status") if msg.headers else None
-        if status:
-            if status in ("404", "408", "409") and self.requests:
-                self.requests.popleft()  # a pull request ended
-                self._poke.set()  # type: ignore[union-attr]
-            return
-        self._last_arrival = time.monotonic()
-        if self.requests:
-            self.requests[0][1] -= 1
-            if self.requests[0][1] <= 0:
-                self.requests.popleft()
-        with self.lock:
-            self.buffer.append((msg, self._last_arrival))
-        self._match()
-        self._poke.set()  # type: ignore[union-attr]
-
-    def _match(self) -> None:
-        """Hand buffered messages to waiting callers, oldest first.
-
-        Taking a caller's call out of ``PENDING`` is the point of no return: from then
-        on the caller waits (its cancellation deferred) while the messages are
-        acknowledged, and gets them once the server has confirmed. A caller that left
-        before leaves the messages here for the next.
-        """
-        with self.lock:
-            while self.waiters and self.buffer:
-                call, n = self.waiters.popleft()
-                if not call.begin():
-                    continue
-                batch = [self.buffer.popleft() for _ in range(min(n, len(self.buffer)))]
-                task = asyncio.get_running_loop().create_task(self._confirm(call, n, batch))
-                self._acks.add(task)
-                task.add_done_callback(self._acks.discard)
-            while self.waiters and self.waiters[0][0].state != PENDING:
-                self.waiters.popleft()
-
-    async def _confirm(self, call: Call[list[Msg]], n: int, batch: list[tuple[Msg, float]]) -> None:
-        taken = await self.acknowledge(batch)
-        if taken:
-            call.settle(taken)
-        elif call.retreat():  # every ack failed: the messages went elsewhere; wait on
-            with self.lock:
-                self.waiters.appendleft((call, n))
-            self._wake()
-
-    async def acknowledge(self, msgs: list[tuple[Msg, float]]) -> list[Msg]:
-        """Acknowledge ``msgs`` (with their arrival times) and wait for the server to
-        confirm; return those that are this process's to hand out (see :meth:`_ack`)."""
-        confirmed = await asyncio.gather(*(self._ack(m, at) for m, at in msgs))
-        return [m for (m, _), ok in zip(msgs, confirmed, strict=True) if ok]
-
-    async def _reconnected(self) -> None:
-        """Back from a disconnection: re-publish this process's handles now."""
-        self._reconnected_at = time.monotonic()
-        with contextlib.suppress(nats.errors.Error, OSError):
-            for subject in list(self.owned):
-                await self.nc.publish(subject, b"open")
-
-    async def _check_end(self) -> None:
-        # Right after a reconnection, other processes' handles may have expired while
-        # the server was out of reach: give them one heartbeat to come back first.
-        if time.monotonic() - self._reconnected_at < self.heartbeat:
-            return
-        try:
-            counts = await self.refresh()
-            if counts.senders:
-                self.eos = False
-                return
-            info = await self.js.stream_info(self.stream)
-        except (nats.errors.Error, OSError):
-            return
-        with self.lock:
-            if info.state.messages == 0 and not self.buffer:
-                self.eos = True
-                for call, _ in self.waiters:
-                    if call.state == PENDING:
-                        call.fail(EndOfStream())
-                self.waiters.clear()
-
-    async def _ack(self, msg: Msg, arrived: float) -> bool:
-        """Acknowledge ``msg`` and wait until a server confirms: whether it is ours.
-
-        An acknowledgement whose reply is lost may still have been applied (the
-        message is then deleted, and nobody else gets it), so it is retried until a
-        server answers, however long no server is reachable: giving up would lose
-        such a message. A server confirms an acknowledgement of a message that is
-        no longer pending too, so a confirmation alone does not tell whether the
-        message went to another receiver meanwhile. It cannot have, if the
-        confirmation came within ``ack_wait`` of the delivery (here: within 0.8
-        ``ack_wait`` of its arrival), and the message was delivered for the first
-        time. Otherwise (a late confirmation, or a message delivered again) the
-        receivers that may hold it settle who gets it with a claim (:meth:`_claim`).
-        """
-        timeout = min(REQUEST_TIMEOUT, self.ack_wait / 4)
-        while True:
-            try:
-                await msg.ack_sync(timeout=timeout)
-                break
-            except nats.errors.MsgAlreadyAckdError:
-                break
-            except (nats.errors.Error, OSError, TimeoutError):
-                if self.nc.is_closed:
-                    return False  # closing: redelivered after ack_wait, if not applied
-                await asyncio.sleep(0.02)
-        in_time = time.monotonic() <= arrived + self.ack_wait * ACK_IN_TIME
-        if (msg.metadata.num_delivered > 1 or not in_time) and not await self._claim(msg):
-            return False
-        if msg.metadata.num_delivered > 1:
-            await self._event("redelivered", msg)
-        return True
-
-    async def _claim(self, msg: Msg) -> bool:
-        """Claim ``msg`` for this process: ``True`` for the first claimant of its
-        stream sequence, in every process; ``False`` for the others.
-
-        A claim is a message on the events stream with subject ``claim.<seq>``,
-        stored only if the subject has none yet. A claim retried after a lost reply is
-        refused as a second one: the stored claim's token then says whose it is.
-        """
-        seq = msg.metadata.sequence.stream
-        subject = f"{self.ev_prefix}.claim.{seq}"
-        token = f"{self.claimer}.{msg.metadata.num_delivered}".encode()
-        headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
-        while True:
-            try:
-                try:
-                    await self.js.publish(subject, token, timeout=REQUEST_TIMEOUT, headers=headers)
-                    return True
-                except nats.js.errors.APIError as exc:
-                    if exc.err_code != _WRONG_LAST:
-                        raise
-                stored = await self.js.get_last_msg(self.ev_stream, subject)
-                return bool(stored.data == token)
-            except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError):
-                if self.nc.is_closed:
-                    return False
-                await asyncio.sleep(0.05)
-
-    async def _event(self, kind: str, msg: Msg) -> None:
-        meta = msg.metadata
-        msg_id = f"{kind}.{meta.sequence.stream}.{meta.num_delivered}"
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await self.js.publish(
-                f"{self.ev_prefix}.{kind}",
-                b"",
-                timeout=REQUEST_TIMEOUT,
-                headers={"Nats-Msg-Id": msg_id},
-            )
-
-    async def _give_back(self, msg: Msg) -> None:
-        await self._event("returned", msg)
-        with contextlib.suppress(nats.errors.Error, OSError):  # redelivered after ack_wait instead
-            await msg.nak()
-
-    async def _give_back_buffer(self) -> None:
-        with self.lock:
-            msgs = [m for m, _ in self.buffer]
-            self.buffer.clear()
-        for msg in msgs:
-            await self._give_back(msg)
-
-    async def receivers_closed(self) -> None:
-        """The last receive handle of this process closed."""
-        await self._give_back_buffer()
-
     # ---------------------------------------------------------------- statistics
 
     async def stats(self) -> tuple[Counts, int, int, int]:
@@ -768,12 +508,8 @@ class Link:
         return counts, info.state.messages, consumer.num_ack_pending, max(0, redelivered)
 
 
-def _broken() -> BrokenResourceError:
-    return BrokenResourceError("no receive handle of this channel is open in any process")
-
-
-def _closed(name: str) -> ClosedResourceError:
-    return ClosedResourceError(f"this {name} has been closed")
+def _close_soon(lane: Lane) -> None:
+    lane.loop.create_task(lane.close())
 
 
 _links: dict[tuple[object, ...], Link] = {}
