@@ -4,16 +4,19 @@ workload and every contender (or says why one was skipped). Its figures are not 
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from aioshm.bench.contenders import CONTENDERS
-from aioshm.bench.workloads import WORKLOADS
+from aioshm.bench.contenders import CONTENDERS, Context, Link, SyncContender, _SyncEnd
+from aioshm.bench.runner import measure
+from aioshm.bench.workloads import WORKLOADS, SyncReceiver, SyncSender, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_ICEORYX2 = importlib.util.find_spec("iceoryx2") is not None
@@ -137,3 +140,88 @@ def test_iceoryx2_count_is_checked(monkeypatch: pytest.MonkeyPatch, blocking: bo
     finally:
         sender.finish()
         receiver.finish()
+
+
+# ---------------------------------------------------------------- the runner's gate
+
+CREATED, CONNECTED, USED = 1, 2, 3
+
+
+class _Log:
+    """Events of every process of a measurement, in the order they happened."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.codes = ctx.Array("i", 64)  # [0] is the length
+
+    def add(self, code: int) -> None:
+        with self.codes.get_lock():
+            self.codes[0] += 1
+            self.codes[self.codes[0]] = code
+
+    def entries(self) -> list[int]:
+        return list(self.codes[1 : self.codes[0] + 1])
+
+
+class _ProbeEnd(_SyncEnd):
+    """An endpoint that moves nothing and logs when it is opened, connected, used."""
+
+    def __init__(self, log: _Log, data: Any) -> None:
+        super().__init__(data)
+        self.log = log
+        self.used = False
+        log.add(CREATED)
+
+    def connect(self) -> None:
+        self.log.add(CONNECTED)
+
+    def _use(self) -> None:
+        if not self.used:
+            self.used = True
+            self.log.add(USED)
+
+    def send(self, item: Any) -> None:
+        self._use()
+
+    def recv(self) -> Any:
+        self._use()
+        return self.data
+
+
+class _Probe(SyncContender):
+    key = "probe"
+    label = "probe"
+
+    def __init__(self, log: _Log) -> None:
+        self.log = log
+
+    def open(self, workload: Workload, producers: int, ctx: Context, tmpdir: str) -> Link:
+        return Link([self.log] * producers, self.log)
+
+    def sync_sender(self, end: Any, workload: Workload, data: Any) -> SyncSender:
+        return _ProbeEnd(end, data)
+
+    def sync_receiver(self, end: Any, workload: Workload, data: Any) -> SyncReceiver:
+        return _ProbeEnd(end, data)
+
+
+@pytest.mark.parametrize("workload", ["small", "latency"])
+@pytest.mark.timeout(60)
+def test_endpoints_connect_once_all_are_open(tmp_path: Path, workload: str) -> None:
+    """Every endpoint connects after every process of the measurement has opened its
+    endpoints (a subscriber must see the publisher created after it), and before any
+    process sends or receives."""
+    ctx = multiprocessing.get_context("fork")
+    log = _Log(ctx)
+    result = measure(
+        _Probe(log),
+        workload=WORKLOADS[workload],
+        count=5,
+        ctx=ctx,
+        timeout=30,
+        tmpdir=str(tmp_path),
+    )
+    assert result.error is None, result.error
+    entries = log.entries()
+    ends = 2 if workload == "small" else 4
+    assert sorted(entries) == [CREATED] * ends + [CONNECTED] * ends + [USED] * ends
+    assert entries == sorted(entries), entries
