@@ -73,17 +73,10 @@ def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
             if "skipped" in rows[0]:
                 assert f"- {contender.label}: skipped" in body
             if contender.key.startswith("iceoryx2") and HAVE_ICEORYX2:
+                # with both ports connected before the clock starts, iceoryx2 delivers
+                # every message (it dropped some in about one quick run in two before)
                 assert "skipped" not in rows[0], rows[0]
-                if "failed" in rows[0]:
-                    # iceoryx2 0.10's small-message run sometimes stalls here (the
-                    # publisher stops: about one quick run in two on this machine). The
-                    # harness must then say so, by its count, and nothing else may fail.
-                    assert re.search(
-                        rf"- {re.escape(contender.label)}: \*\*failed\*\* in round \d+: "
-                        r"`consumer: RuntimeError: iceoryx2 delivered \d+ message\(s\), "
-                        r"then nothing for",
-                        body,
-                    ), body
+                assert "failed" not in rows[0], body
 
     if importlib.util.find_spec("matplotlib") is not None:
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -126,6 +119,8 @@ def test_iceoryx2_count_is_checked(monkeypatch: pytest.MonkeyPatch, blocking: bo
     name = f"aioshm-test/{os.getpid()}/{blocking}"
     receiver = iox._Receiver(name, workload, data, blocking, in_place=False)
     sender = iox._Sender(name, workload, data, blocking)
+    sender.connect()
+    receiver.connect()
     try:
         for _ in range(3):
             sender.send(data)
@@ -137,6 +132,55 @@ def test_iceoryx2_count_is_checked(monkeypatch: pytest.MonkeyPatch, blocking: bo
         assert not receiver.verified()
         with pytest.raises(RuntimeError, match="delivered 3 message"):
             receiver.recv()  # nothing comes
+    finally:
+        sender.finish()
+        receiver.finish()
+
+
+@pytest.mark.skipif(not HAVE_ICEORYX2, reason="iceoryx2 is not installed (the bench extra)")
+@pytest.mark.timeout(60)
+def test_iceoryx2_sender_notices_a_drop() -> None:
+    """A publisher that fills the buffer of a subscriber not yet attached to it discards
+    what it sends next, saying so only by its count of recipients (0): the bench's
+    sender must fail on it. (Here the subscriber never looks for samples, so it never
+    attaches: the runner's connect step is what prevents this in the bench.)"""
+    from aioshm.bench import iox
+
+    workload = WORKLOADS["small"]
+    data = workload.data()
+    name = f"aioshm-test/{os.getpid()}/drop"
+    receiver = iox._Receiver(name, workload, data, blocking=False, in_place=False)
+    sender = iox._Sender(name, workload, data, blocking=False)
+    sender.connect()
+    try:
+        for _ in range(iox.SMALL_DEPTH):
+            sender.send(data)
+        with pytest.raises(RuntimeError, match=f"message {iox.SMALL_DEPTH + 1} to no subscriber"):
+            sender.send(data)
+    finally:
+        sender.finish()
+        receiver.finish()
+
+
+@pytest.mark.skipif(not HAVE_ICEORYX2, reason="iceoryx2 is not installed (the bench extra)")
+@pytest.mark.timeout(60)
+def test_iceoryx2_sender_notices_an_unheard_notification() -> None:
+    """A notification that wakes no listener would leave a blocking receiver asleep: the
+    bench's sender must fail on it."""
+    from aioshm.bench import iox
+
+    workload = WORKLOADS["small"]
+    data = workload.data()
+    name = f"aioshm-test/{os.getpid()}/unheard"
+    receiver = iox._Receiver(name, workload, data, blocking=False, in_place=False)  # no listener
+    sender = iox._Sender(name, workload, data, blocking=True)
+    sender.connect()
+    receiver.connect()
+    try:
+        with pytest.raises(RuntimeError, match="notification of message 1 woke no listener"):
+            sender.send(data)
+        assert receiver.recv_some(0, 1) == 1  # the message itself was delivered
+        assert receiver.verified()
     finally:
         sender.finish()
         receiver.finish()
