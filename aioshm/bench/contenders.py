@@ -84,6 +84,9 @@ class _SyncEnd:
         self.data = data
         self._ok = False
 
+    def connect(self) -> None:
+        pass
+
     def send(self, item: Array) -> None:
         raise NotImplementedError
 
@@ -117,6 +120,9 @@ class _AsyncEnd:
     def __init__(self, data: Array) -> None:
         self.data = data
         self._ok = False
+
+    def connect(self) -> None:
+        pass
 
     async def send(self, item: Array) -> None:
         raise NotImplementedError

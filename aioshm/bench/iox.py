@@ -10,9 +10,23 @@ iceoryx2 has no async API, so it runs through blocking calls, in two forms:
 Set up so that it cannot drop a message unnoticed: safe overflow is disabled (a full
 subscriber buffer makes the publisher retry, as a full aioshm channel makes its sender
 wait), the subscriber is created (in the consumer, which is started first) before the
-publisher, and the publisher connects to it before the start gate opens. And the count
-is checked: a receiver that sees nothing for :data:`STALL` seconds raises, saying how
-many messages it got; it also checks, at the end, that nothing arrived beyond them.
+publisher, and both ports connect to each other before the start gate opens
+(:meth:`connect`, once every process has opened its ports).
+
+That last step matters. A connection between a publisher and a subscriber has two
+sides, and each port attaches its own side only in ``update_connections``, which a
+subscriber runs when it next looks for samples (``receive``, ``has_samples``). A
+publisher created after the subscriber attaches its side at once, and may fill the
+subscriber's buffer before the subscriber has attached; it then does not retry but
+discards every message it sends, until the subscriber attaches, and ``send`` says so
+only by returning 0 recipients instead of 1 (iceoryx2 0.10's ``blocking_send`` gives up
+when the other side is not connected). That is how earlier runs lost messages 129 to a
+few thousand whenever the consumer was scheduled late after the start.
+
+And the counts are checked: a send that reaches no subscriber, or a notification that
+wakes no listener, raises at once; a receiver that sees nothing for :data:`STALL`
+seconds raises, saying how many messages it got; it also checks, at the end, that
+nothing arrived beyond them.
 
 Messages are a fixed-size ``ctypes.c_double * n`` payload: a send is ``loan_uninit`` +
 ``ctypes.memmove`` of the array's bytes + ``send``; a copying receive copies the payload
@@ -88,18 +102,25 @@ class _Sender(_SyncEnd):
             .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
             .create()
         )
-        self.publisher.update_connections()  # the subscriber exists: connect now
         self.notifier = (
             None if self.ports.event is None else self.ports.event.notifier_builder().create()
         )
         self.nbytes = data.nbytes
+        self.sent = 0
+
+    def connect(self) -> None:
+        self.publisher.update_connections()
 
     def send(self, item: Array) -> None:
         sample = self.publisher.loan_uninit()
         ctypes.memmove(sample.payload_ptr, item.ctypes.data, self.nbytes)
-        sample.assume_init().send()
-        if self.notifier is not None:
-            self.notifier.notify()
+        if sample.assume_init().send() != 1:
+            raise RuntimeError(
+                f"iceoryx2 sent message {self.sent + 1} to no subscriber: it was dropped"
+            )
+        self.sent += 1
+        if self.notifier is not None and self.notifier.notify() != 1:
+            raise RuntimeError(f"iceoryx2's notification of message {self.sent} woke no listener")
 
     def finish(self) -> None:
         if self.notifier is not None:
@@ -128,6 +149,9 @@ class _Receiver(_SyncEnd):
         self.in_place = in_place
         self.received = 0
 
+    def connect(self) -> None:
+        self.subscriber.has_samples()  # runs update_connections: attach to the publisher
+
     def _sample(self) -> Any:
         """The next sample, waiting for it (blocking or polling)."""
         receive = self.subscriber.receive
@@ -155,7 +179,7 @@ class _Receiver(_SyncEnd):
     def _dropped(self) -> None:
         raise RuntimeError(
             f"iceoryx2 delivered {self.received} message(s), then nothing for {STALL:g} s: "
-            "the rest were dropped"
+            "the others were dropped or are stuck"
         )
 
     def _view(self, sample: Any) -> Array:
@@ -207,9 +231,11 @@ class IceoryxBlocking(SyncContender):
     setup = (
         "publish-subscribe service of `ctypes.c_double * n`, safe overflow disabled, "
         f"subscriber buffer {SMALL_DEPTH} (small) or {LARGE_DEPTH} (large), publisher "
-        "`RetryUntilDelivered`; `loan_uninit` + `memmove` + `send`; the blocking form "
-        "notifies an event service after each send and the subscriber waits on a "
-        "`WaitSet`; receive counts checked"
+        "`RetryUntilDelivered`; subscriber created first, both ports connected "
+        "(`update_connections`, `has_samples`) before the clock starts; `loan_uninit` + "
+        "`memmove` + `send`; the blocking form notifies an event service after each send "
+        "and the subscriber waits on a `WaitSet`; recipients of each send and notification "
+        "and receive counts checked"
     )
 
     def open(self, workload: Workload, producers: int, ctx: Context, tmpdir: str) -> Link:

@@ -185,6 +185,8 @@ def _method(results: Results) -> list[str]:
         "in the parent the way a user would create them and handed to the children as "
         "`multiprocessing.Process` arguments (pyzmq sockets are created in the children).",
         "- Every process opens its endpoint and reports ready (receivers before senders); "
+        "once all are, each connects its endpoint to its peers (only iceoryx2 needs "
+        "that, see below) and reports it; "
         "the clock starts when the parent releases them all at once, and stops when the "
         "consumer has the last message (`time.monotonic()`, one clock for all "
         "processes). The last message is checked against what was sent.",
@@ -206,11 +208,16 @@ def _method(results: Results) -> list[str]:
         "- iceoryx2 is the reference for shared-memory transports. It has no async API, "
         "so it runs through blocking calls, in its two ways of waiting: a `WaitSet` on an "
         "event service notified after each send, and a busy poll. It would drop "
-        "messages silently when its subscriber's buffer overflows or when the publisher "
-        "starts before the subscriber: safe overflow is disabled (the publisher retries "
-        "instead), the subscriber is created first, the publisher connects before the "
-        "clock starts, and the receiver fails the measurement if its count falls short "
-        "(nothing for a while) or goes over.",
+        "messages silently when its subscriber's buffer overflows, when the publisher "
+        "starts before the subscriber, or when the publisher fills the buffer of a "
+        "subscriber that has not yet attached to it (a subscriber attaches to a "
+        "publisher created after it only when it next looks for samples; until then "
+        "`send` discards and returns 0 recipients): safe overflow is disabled (the "
+        "publisher retries instead), the subscriber is created first, and both ports "
+        "connect (`update_connections`, `has_samples`) once every process is up, before "
+        "the clock starts. The counts are checked: a send that reaches no subscriber or "
+        "a notification that wakes no listener fails the measurement, and so does a "
+        "receiver whose count falls short (nothing for a while) or goes over.",
         "- memcpy (one core, `np.copyto`) is context, not a ceiling: where the cache holds "
         "both buffers (8 MiB here) it copies from cache, faster than any transport "
         "between two cores; the 64 MiB workload shows it from memory.",

@@ -2,10 +2,12 @@
 
 One *measurement* is one contender on one workload: its transport is created in the
 parent, its producer and consumer (or ping and pong) run in processes of their own,
-started with ``fork``. Every child opens its endpoint, reports ready on a pipe of its
-own, and waits at a shared gate; the parent opens the gate once all are ready, and
-collects what each reports. Receiving processes are started (and ready) before sending
-ones, so that a sender never waits for its receiver to come up.
+started with ``fork``. Every child opens its endpoint and reports ready on a pipe of its
+own; once all are ready, each connects its endpoints to their peers (a no-op for most
+transports: see :meth:`~aioshm.bench.workloads.Connectable.connect`), reports that, and
+waits at a shared gate; the parent opens the gate once all are connected, and collects
+what each reports. Receiving processes are started (and ready) before sending ones, so
+that a sender never waits for its receiver to come up.
 
 A *round* runs every contender of every workload once, contenders in a shuffled order.
 A measurement that fails, or overruns its timeout (its processes are killed), is
@@ -44,6 +46,7 @@ from .contenders import (
     SyncContender,
 )
 from .workloads import (
+    Connectable,
     Workload,
     consume_async,
     consume_sync,
@@ -124,39 +127,44 @@ class _Job:
     count: int
 
 
+@dataclass
+class _Events:
+    """The parent's signals to every child of a measurement."""
+
+    #: every child has opened its endpoints: connect them
+    linked: multiprocessing.synchronize.Event
+    #: the start gate
+    go: multiprocessing.synchronize.Event
+    #: the measuring process has all it needs: senders may close
+    received: multiprocessing.synchronize.Event
+
+
 class _Gate:
     """A child's side of the start line, and of the finish line."""
 
-    def __init__(
-        self,
-        conn: Connection,
-        go: multiprocessing.synchronize.Event,
-        received: multiprocessing.synchronize.Event,
-    ) -> None:
+    def __init__(self, conn: Connection, events: _Events) -> None:
         self._conn = conn
-        self._go = go
-        self._received = received
+        self._events = events
 
-    def ready_and_wait(self) -> None:
+    def ready_and_wait(self, *ends: Connectable) -> None:
         self._conn.send(("ready", None))
-        if not self._go.wait(SETUP_TIMEOUT * 4):
+        if not self._events.linked.wait(SETUP_TIMEOUT * 4):
+            raise TimeoutError("the other processes never came up")
+        for end in ends:
+            end.connect()
+        self._conn.send(("connected", None))
+        if not self._events.go.wait(SETUP_TIMEOUT * 4):
             raise TimeoutError("the parent never opened the start gate")
 
     def wait_received(self) -> None:
-        if not self._received.wait(SETUP_TIMEOUT * 20):
+        if not self._events.received.wait(SETUP_TIMEOUT * 20):
             raise TimeoutError("the receiving side never finished")
 
 
-def _child(
-    job: _Job,
-    go: multiprocessing.synchronize.Event,
-    received: multiprocessing.synchronize.Event,
-    conn: Connection,
-    *ends: Any,
-) -> None:
+def _child(job: _Job, events: _Events, conn: Connection, *ends: Any) -> None:
     """Entry point of every child process: play the role, report the outcome."""
     try:
-        payload = _play(job, _Gate(conn, go, received), ends)
+        payload = _play(job, _Gate(conn, events), ends)
     except BaseException as exc:
         detail = "".join(traceback.format_exception_only(exc)).strip()
         conn.send(("error", f"{job.role}: {detail}"))
@@ -212,7 +220,7 @@ class _Child:
     process: multiprocessing.process.BaseProcess
     conn: Connection
     role: str
-    #: the last message it sent: "started" (none yet), "ready" or "done"
+    #: the last message it sent: "started" (none yet), "ready", "connected" or "done"
     state: str = "started"
     payload: dict[str, float] | None = None
 
@@ -221,15 +229,16 @@ def _collect(
     children: list[_Child], kind: str, deadline: float, required: list[_Child] | None = None
 ) -> None:
     """Read what the children send until every child of ``required`` (all, by default)
-    has sent a message of ``kind``; raise :class:`_Failed` on an error from any child,
-    an early exit, or the deadline."""
+    has sent a message of ``kind`` (``"ready"``, ``"connected"``, ``"done"``, in that
+    order); raise :class:`_Failed` on an error from any child, an early exit, or the
+    deadline."""
     required = children if required is None else required
     pending = {child.conn: child for child in children if child.state != kind}
     while any(child.state != kind for child in required):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             late = ", ".join(sorted(c.role for c in required if c.state != kind))
-            what = "start" if kind == "ready" else "finish"
+            what = {"ready": "start", "connected": "connect"}.get(kind, "finish")
             raise _Failed(f"timed out: {late} did not {what} in time")
         for conn in multiprocessing.connection.wait(list(pending), remaining):
             child = pending[conn]  # type: ignore[index]
@@ -304,7 +313,7 @@ def measure(
     """Run one measurement; never raises for a contender's failure."""
     started = time.monotonic()
     children: list[_Child] = []
-    go, received = ctx.Event(), ctx.Event()
+    events = _Events(linked=ctx.Event(), go=ctx.Event(), received=ctx.Event())
     result = Measurement()
     links: list[Link] = []
     try:
@@ -316,7 +325,7 @@ def measure(
                 job = _Job(contender, workload, role, n)
                 process = ctx.Process(
                     target=_child,
-                    args=(job, go, received, writer, *ends),
+                    args=(job, events, writer, *ends),
                     name=f"aioshm-bench-{contender.key}-{role}",
                     daemon=True,
                 )
@@ -325,12 +334,14 @@ def measure(
                 batch.append(_Child(process, reader, role))
             children.extend(batch)
             _collect(batch, "ready", time.monotonic() + SETUP_TIMEOUT)
+        events.linked.set()
+        _collect(children, "connected", time.monotonic() + SETUP_TIMEOUT)
         _release(contender, links)
         opened = time.monotonic()
-        go.set()
+        events.go.set()
         measuring = [child for child in children if child.role in _MEASURING]
         _collect(children, "done", opened + timeout, measuring)
-        received.set()  # now the senders may close
+        events.received.set()  # now the senders may close
         _collect(children, "done", time.monotonic() + EXIT_TIMEOUT)
         result = _figure(contender, workload, count, children, opened)
     except _Failed as exc:

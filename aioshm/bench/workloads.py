@@ -27,6 +27,7 @@ __all__ = [
     "WORKLOADS",
     "AsyncReceiver",
     "AsyncSender",
+    "Connectable",
     "Gate",
     "SyncReceiver",
     "SyncSender",
@@ -205,7 +206,20 @@ WORKLOADS: Final[dict[str, Workload]] = {w.key: w for w in (SMALL, LARGE, HUGE, 
 # ---------------------------------------------------------------- endpoints
 
 
-class SyncSender(Protocol):
+class Connectable(Protocol):
+    """What every endpoint has: a way to reach the endpoints opened after it."""
+
+    def connect(self) -> None:
+        """Connect to the peer endpoints, which exist by now (called once every process
+        of the measurement has opened its endpoints, before the start gate opens).
+
+        A no-op for most transports. iceoryx2 needs it: a subscriber attaches to a
+        publisher created after it only when it next looks for samples, and until then
+        a publisher that has filled the subscriber's buffer discards what it sends.
+        """
+
+
+class SyncSender(Connectable, Protocol):
     """A blocking sending endpoint, opened in the process that uses it."""
 
     def send(self, item: Array) -> None:
@@ -219,7 +233,7 @@ class SyncSender(Protocol):
         """Flush and close, once everything is sent."""
 
 
-class SyncReceiver(Protocol):
+class SyncReceiver(Connectable, Protocol):
     """A blocking receiving endpoint."""
 
     def recv(self) -> Array:
@@ -236,7 +250,7 @@ class SyncReceiver(Protocol):
         """Close."""
 
 
-class AsyncSender(Protocol):
+class AsyncSender(Connectable, Protocol):
     """The async form of :class:`SyncSender`."""
 
     async def send(self, item: Array) -> None:
@@ -249,7 +263,7 @@ class AsyncSender(Protocol):
         """Flush and close."""
 
 
-class AsyncReceiver(Protocol):
+class AsyncReceiver(Connectable, Protocol):
     """The async form of :class:`SyncReceiver`."""
 
     async def recv(self) -> Array:
@@ -268,8 +282,9 @@ class AsyncReceiver(Protocol):
 class Gate(Protocol):
     """The start and finish lines, kept by the parent."""
 
-    def ready_and_wait(self) -> None:
-        """Report ready, then block until the parent releases every process."""
+    def ready_and_wait(self, *ends: Connectable) -> None:
+        """Report ready; once every process is, connect ``ends`` (:meth:`Connectable.connect`)
+        and report that; then block until the parent releases every process."""
 
     def wait_received(self) -> None:
         """Block until the measuring process (consumer, ping) has all it needs.
@@ -291,7 +306,7 @@ def _cpu_seconds() -> float:
 
 def produce_sync(sender: SyncSender, count: int, gate: Gate) -> dict[str, float]:
     """Send ``count`` messages as fast as the endpoint takes them."""
-    gate.ready_and_wait()
+    gate.ready_and_wait(sender)
     index = 0
     while index < count:
         index += sender.send_some(index, count - index)
@@ -302,7 +317,7 @@ def produce_sync(sender: SyncSender, count: int, gate: Gate) -> dict[str, float]
 
 async def produce_async(sender: AsyncSender, count: int, gate: Gate) -> dict[str, float]:
     """The async form of :func:`produce_sync`."""
-    gate.ready_and_wait()
+    gate.ready_and_wait(sender)
     index = 0
     while index < count:
         index += await sender.send_some(index, count - index)
@@ -314,7 +329,7 @@ async def produce_async(sender: AsyncSender, count: int, gate: Gate) -> dict[str
 def consume_sync(receiver: SyncReceiver, count: int, gate: Gate) -> dict[str, float]:
     """Receive ``count`` messages; report when the last arrived and the CPU time used,
     by the whole process and by the thread that receives."""
-    gate.ready_and_wait()
+    gate.ready_and_wait(receiver)
     cpu, thread = _cpu_seconds(), time.thread_time()
     index = 0
     while index < count:
@@ -328,7 +343,7 @@ def consume_sync(receiver: SyncReceiver, count: int, gate: Gate) -> dict[str, fl
 
 async def consume_async(receiver: AsyncReceiver, count: int, gate: Gate) -> dict[str, float]:
     """The async form of :func:`consume_sync`."""
-    gate.ready_and_wait()
+    gate.ready_and_wait(receiver)
     cpu, thread = _cpu_seconds(), time.thread_time()
     index = 0
     while index < count:
@@ -351,7 +366,7 @@ def ping_sync(
     sender: SyncSender, receiver: SyncReceiver, data: Array, count: int, gate: Gate
 ) -> dict[str, float]:
     """Send ``data``, wait for it to come back; time each round trip."""
-    gate.ready_and_wait()
+    gate.ready_and_wait(sender, receiver)
     rtts: list[float] = []
     clock = time.perf_counter
     last = data
@@ -370,7 +385,7 @@ async def ping_async(
     sender: AsyncSender, receiver: AsyncReceiver, data: Array, count: int, gate: Gate
 ) -> dict[str, float]:
     """The async form of :func:`ping_sync`."""
-    gate.ready_and_wait()
+    gate.ready_and_wait(sender, receiver)
     rtts: list[float] = []
     clock = time.perf_counter
     last = data
@@ -389,7 +404,7 @@ def pong_sync(
     sender: SyncSender, receiver: SyncReceiver, count: int, gate: Gate
 ) -> dict[str, float]:
     """Send back every message received."""
-    gate.ready_and_wait()
+    gate.ready_and_wait(sender, receiver)
     for _ in range(LATENCY_WARMUP + count):
         sender.send(receiver.recv())
     gate.wait_received()
@@ -402,7 +417,7 @@ async def pong_async(
     sender: AsyncSender, receiver: AsyncReceiver, count: int, gate: Gate
 ) -> dict[str, float]:
     """The async form of :func:`pong_sync`."""
-    gate.ready_and_wait()
+    gate.ready_and_wait(sender, receiver)
     for _ in range(LATENCY_WARMUP + count):
         await sender.send(await receiver.recv())
     gate.wait_received()
