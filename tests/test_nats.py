@@ -275,6 +275,58 @@ async def test_cancelled_receive_took_nothing(server: LocalServer) -> None:
         assert received == list(range(count))
 
 
+@pytest.mark.anyio
+async def test_calls_in_a_cancelled_scope_raise_and_do_nothing(server: LocalServer) -> None:
+    """Every async call is a cancel point, on the asyncio lane (once its connection is
+    open) and under trio: made in a cancelled scope, it raises and does nothing."""
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+    async with tx, rx:
+        await tx.send("opened")  # the lane's connection is open: no wait on entry now
+        assert await rx.recv() == "opened"
+        await tx.send("kept")
+        for call in (
+            lambda: tx.send("never"),
+            lambda: tx.send_many(["never"]),
+            rx.recv,
+            lambda: rx.recv_many(4),
+        ):
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await call()
+            assert scope.cancelled_caught
+        assert rx.statistics().slots_in_use == 0  # no receive took "kept"
+        assert await rx.recv() == "kept"
+        with anyio.move_on_after(0.5):
+            pytest.fail(f"a cancelled send was delivered: {await rx.recv()!r}")
+
+
+def test_native_asyncio_cancellation_pending_on_entry(server: LocalServer) -> None:
+    """A task cancelled (``Task.cancel()``) while it ran, before it calls: the call
+    raises ``CancelledError`` at once and sends or takes nothing."""
+    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+
+    async def cancelled_then(call: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await call()
+
+    async def main() -> None:
+        await tx.send("opened")
+        assert await rx.recv() == "opened"
+        await tx.send("kept")
+        for call in (lambda: tx.send("never"), rx.recv):
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.ensure_future(cancelled_then(call))
+        assert await rx.recv() == "kept"
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                pytest.fail(f"a cancelled send was delivered: {await rx.recv()!r}")
+
+    with tx, rx:
+        asyncio.run(main())
+
+
 def test_native_asyncio_cancellation(server: LocalServer) -> None:
     tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
 

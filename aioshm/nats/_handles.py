@@ -24,6 +24,7 @@ from typing import Any, Generic, NoReturn, Self, TypeVar
 
 from anyio import ClosedResourceError, WouldBlock
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.lowlevel import checkpoint
 from nats.aio.msg import Msg
 
 from aioshm import _ownership
@@ -100,7 +101,14 @@ class _Handle(Closing):
     @staticmethod
     async def _lane(link: Link) -> Lane | None:
         """The running asyncio loop's lane, which the caller's task uses directly;
-        ``None`` under trio (or if it cannot connect): the bridge's, through a Call."""
+        ``None`` under trio (or if it cannot connect): the bridge's, through a Call.
+
+        Every async send and receive starts here, and this is its cancel point: a call
+        made while its task has a cancellation pending raises it and does nothing, as
+        every async call of aioshm does. A full checkpoint (a yield) is cheap next to a
+        round trip to the server.
+        """
+        await checkpoint()
         try:
             asyncio.get_running_loop()
         except RuntimeError:
