@@ -376,7 +376,10 @@ def test_send_cancelled_once_on_the_wire_completes(server: LocalServer) -> None:
     async def main() -> list[Any]:
         await tx.send("before")  # this loop's connection is up
         send = asyncio.ensure_future(tx.send("on the wire"))
-        await asyncio.sleep(0)  # the send ran up to awaiting the server's answer
+        while tx.statistics().tasks_waiting_send == 0:  # not yet on the wire
+            await asyncio.sleep(0)
+        # It counts itself waiting just before its publish, which nats-py queues before
+        # its first suspension: it is awaiting the server's answer now.
         send.cancel()
         assert await send is None
         tx.close()
