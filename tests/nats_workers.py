@@ -105,3 +105,12 @@ def hold_receiver(rx: aioshm.nats.ReceiveChannel[Any], ready: Any) -> None:
     ready.set()
     signal.pause()
     rx.close()
+
+
+def hold_receiver_by_url(url: str, ready: Any) -> None:
+    """Open a receive handle by URL and wait to be killed (or stopped and continued)."""
+    rx = aioshm.nats.connect_receive(url, connect_timeout=20)
+    ready.set()
+    while True:
+        signal.pause()
+    rx.close()

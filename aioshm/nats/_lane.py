@@ -243,7 +243,6 @@ class Lane:
         self._pump: asyncio.Task[None] | None = None
         self._poke: asyncio.Event | None = None
         self._last_arrival = 0.0
-        self._reconnected_at = -float("inf")
         self._acks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- lifecycle
@@ -291,7 +290,7 @@ class Lane:
                 await self.nc.close()
 
     async def reconnected(self) -> None:
-        self._reconnected_at = time.monotonic()
+        self.link.disturbed()  # see Link.settled
 
     # ---------------------------------------------------------------- requests
 
@@ -663,11 +662,8 @@ class Lane:
             )
 
     async def _check_end(self) -> None:
-        # Right after a reconnection, other processes' handles may have expired while
-        # the server was out of reach: give them one heartbeat to come back first.
+        # A server fault (a reconnection, say) delays the verdict: see Link.settled.
         link = self.link
-        if time.monotonic() - max(self._reconnected_at, link.reconnected_at) < link.heartbeat:
-            return
         try:
             counts = await link.refresh(self.js)
             if counts.senders:

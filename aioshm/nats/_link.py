@@ -16,9 +16,10 @@ Server-side layout of a channel ``C`` (created by ``open_channel``):
   ``max_age = heartbeat``. Each process re-publishes its handles' subjects four times per
   ``heartbeat``; closing a handle purges its subject; a dead process's subjects expire.
   Counting subjects counts open handles. A count that drops a side to none is believed
-  only while this process's own heartbeats are being stored, and have been for a beat:
-  while the stream has no leader (a server fault), every process's beats are lost and
-  live handles expire too, until their next beat.
+  only once this process has seen no server fault for a whole ``heartbeat`` (see
+  :meth:`Link.settled`): while the stream has no leader, every process's beats are
+  lost and live handles expire too, and a process cut off from its server cannot beat;
+  one heartbeat after the fault is over, every live process has beaten again.
 * stream ``AIOSHM_C_E`` on ``aioshm.C.e.>``: events counted by ``statistics()``, and
   claims (``e.claim.<seq>``, one message each) that settle which receiver returns a
   message delivered again, or whose acknowledgement was confirmed late (see
@@ -59,9 +60,12 @@ __all__ = ["EOS_EVERY", "REQUEST_TIMEOUT", "Counts", "Link", "broken", "get_link
 HEADER_SLACK = 4096
 #: A count of handles that drops to none is confirmed by asking again after this long.
 CONFIRM_AFTER = 0.25
-#: After this process's heartbeats failed, a count of none is believed again only once
-#: they have been stored for a beat (a quarter of ``heartbeat``) and this much more.
-BEAT_SLACK = 0.5
+#: A failed heartbeat is tried again this soon (not a quarter of ``heartbeat`` later).
+BEAT_RETRY = 0.1
+#: A replica of the registry that its leader has not heard from for this long (in
+#: nanoseconds, as the server reports it) is down: a healthy one answers within about a
+#: second (the servers' own heartbeat).
+PEER_SILENT_NS = 2_000_000_000
 #: A reservation made while pickling a handle lasts this long unless it is claimed.
 RESERVATION_LIFETIME = 60.0
 
@@ -69,6 +73,27 @@ RESERVATION_LIFETIME = 60.0
 class Counts(NamedTuple):
     senders: int
     receivers: int
+
+
+class _RegistryState(NamedTuple):
+    """The registry stream's cluster as a count saw it: a change is a server fault."""
+
+    leader: str | None
+    elected: object  # when the leader was elected (servers that say so)
+    down: frozenset[str]  # replicas that the leader has not heard from lately, or at all
+
+    @classmethod
+    def of(cls, cluster: Any) -> _RegistryState:
+        if cluster is None:
+            return cls(None, None, frozenset())
+        down = frozenset(
+            str(peer.name)
+            for peer in cluster.replicas or ()
+            if peer.offline
+            or (peer.active or 0) > PEER_SILENT_NS
+            or not (peer.active or peer.current)  # not heard from since the election
+        )
+        return cls(cluster.leader, cluster.leader_since, down)
 
 
 async def _ignore(*_: object) -> None:
@@ -103,9 +128,10 @@ class Link:
         self.counts = Counts(1, 1)
         self.counted_at = 0.0
         self._beat: asyncio.Task[None] | None = None
-        self._beats_ok = True  # this process's last heartbeats were stored
-        self._beats_ok_since = -float("inf")
-        self.reconnected_at = -float("inf")
+        self._beat_now: asyncio.Event | None = None  # set: beat at once (reconnected)
+        self._disturbed_at = -float("inf")  # when this process last saw a server fault
+        self._registry: _RegistryState | None = None  # as the last count saw it
+        self._registry_lock = threading.Lock()
         self.connect_timeout = 5.0
         # the data path: the bridge loop's lane, and the asyncio callers' loops' lanes
         self.lane: Lane | None = None
@@ -199,6 +225,7 @@ class Link:
                 raise
             self.lane = lane
             self.ready = True
+            self._beat_now = asyncio.Event()
             self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
 
     def _check_matches(self, capacity: int, max_message_size: int) -> None:
@@ -367,11 +394,10 @@ class Link:
             await self.bridge_lane.give_back(lane.take_all())
 
     async def _reconnected(self) -> None:
-        """Back from a disconnection: re-publish this process's handles now."""
-        self.reconnected_at = time.monotonic()
-        with contextlib.suppress(nats.errors.Error, OSError):
-            for subject in list(self.owned):
-                await self.nc.publish(subject, b"open")
+        """Back from a disconnection (a server fault): beat now."""
+        self.disturbed()
+        if self._beat_now is not None:
+            self._beat_now.set()
 
     # ---------------------------------------------------------------- registry
 
@@ -424,7 +450,7 @@ class Link:
         if (counts.senders == 0 < before.senders) or (counts.receivers == 0 < before.receivers):
             await asyncio.sleep(CONFIRM_AFTER)
             counts = await self._count(js)
-            if not self.beats_trusted():  # live handles may have expired with the leader
+            if not self.settled():  # live handles may have expired in a server fault
                 counts = Counts(
                     counts.senders or before.senders, counts.receivers or before.receivers
                 )
@@ -432,31 +458,46 @@ class Link:
         self.counted_at = time.monotonic()
         return counts
 
-    def beats_trusted(self) -> bool:
-        """Whether handles missing from the registry are gone: this process's own
-        heartbeats have been stored for a beat, so the others' would have been too."""
-        settled = self.heartbeat / 4 + BEAT_SLACK
-        return self._beats_ok and time.monotonic() - self._beats_ok_since >= settled
+    def disturbed(self) -> None:
+        """Note a server fault, seen now by this process (from any thread)."""
+        self._disturbed_at = time.monotonic()
 
-    async def _beat_owned(self) -> None:
-        """Re-publish this process's handles' subjects, and note whether the stream
-        stored them (see :meth:`beats_trusted`)."""
+    def settled(self) -> bool:
+        """Whether handles missing from the registry are gone: this process has seen no
+        server fault for a whole ``heartbeat``.
+
+        The faults it sees: a heartbeat or a count of its own that failed (the registry
+        has no leader, or the connection is down), a reconnection (of the link's or a
+        lane's connection), and a change in the registry's cluster as each count reports
+        it (another leader, or a new election; a replica that its leader has not heard
+        from for :data:`PEER_SILENT_NS`, or that comes back). A replica that stays down
+        is a change once: the verdicts resume a heartbeat later. Every live process
+        beats at least every quarter of ``heartbeat``, and tries a failed beat again
+        within :data:`BEAT_RETRY`; so once the fault is over, its handles are stored
+        again well within the heartbeat that this process waits.
+        """
+        return time.monotonic() - self._disturbed_at >= self.heartbeat
+
+    async def _beat_owned(self) -> bool:
+        """Re-publish this process's handles' subjects; ``False`` if one was not stored
+        (a server fault: see :meth:`settled`)."""
         subjects = list(self.owned)
         if not subjects:
-            return
+            return True
         # Concurrent publishes: a slow reply does not delay the other handles' beats.
         results = await asyncio.gather(
             *(self.js.publish(s, b"open", timeout=self.heartbeat / 4) for s in subjects),
             return_exceptions=True,
         )
-        if any(isinstance(result, BaseException) for result in results):
-            self._beats_ok = False
-        elif not self._beats_ok:
-            self._beats_ok = True
-            self._beats_ok_since = time.monotonic()
+        return not any(isinstance(result, BaseException) for result in results)
 
     async def _count(self, js: Any) -> Counts:
-        info = await js.stream_info(self.hb_stream, subjects_filter=f"{self.hb_prefix}.>")
+        try:
+            info = await js.stream_info(self.hb_stream, subjects_filter=f"{self.hb_prefix}.>")
+        except Exception:
+            self.disturbed()  # no leader, or no connection
+            raise
+        self._note_registry(_RegistryState.of(info.cluster))
         senders = receivers = 0
         for subject in info.state.subjects or {}:
             side = subject[len(self.hb_prefix) + 1 : len(self.hb_prefix) + 2]
@@ -466,11 +507,26 @@ class Link:
                 receivers += 1
         return Counts(senders, receivers)
 
+    def _note_registry(self, state: _RegistryState) -> None:
+        with self._registry_lock:
+            before, self._registry = self._registry, state
+        if before is not None and state != before:
+            self.disturbed()
+
     async def _heartbeat(self) -> None:
+        """Beat every quarter of ``heartbeat``; at once after a reconnection, and again
+        within :data:`BEAT_RETRY` after a failure."""
+        assert self._beat_now is not None
+        wait = self.heartbeat / 4
         while True:
-            await asyncio.sleep(self.heartbeat / 4)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), wait)
+            self._beat_now.clear()
+            wait = BEAT_RETRY
             try:
-                await self._beat_owned()
+                if not await self._beat_owned():
+                    self.disturbed()
+                    continue
                 now = time.monotonic()
                 for subject, (seq, deadline) in list(self.reservations.items()):
                     if now > deadline:
@@ -491,7 +547,9 @@ class Link:
                     self.reservations[subject] = (ack.seq, deadline)
                 await self.refresh()
             except (nats.errors.Error, OSError):
-                continue  # no server now: try again next beat
+                self.disturbed()  # no server now: try again soon
+                continue
+            wait = self.heartbeat / 4
 
     # ---------------------------------------------------------------- statistics
 
