@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import nats
 import nats.errors
 import nats.js.errors
@@ -251,6 +252,61 @@ def test_no_verdict_within_a_heartbeat_of_a_new_registry_leader(cluster: LocalCl
         assert not failures, failures
     finally:
         stop.set()
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join()
+        registry.close()
+        tx.close()
+
+
+@pytest.mark.slow
+def test_a_send_unanswered_in_an_election_still_sees_the_receivers_go(
+    cluster: LocalCluster,
+) -> None:
+    """A send waits for room in a full channel. The messages' stream loses its leader,
+    and the send's attempts during the election go unanswered: past that point it may
+    have been stored, and never retreats. The receiving process is then killed: the
+    send raises ``BrokenResourceError`` rather than wait for room that no receiver will
+    ever make."""
+    url = f"{cluster.url}/c{uuid.uuid4().hex[:10]}?replicas=3"
+    tx, rx = aioshm.nats.open_channel(url, capacity=1)
+    rx.close()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=nats_workers.hold_receiver_by_url, args=(url, ready))
+    child.start()
+    outcome: list[BaseException | None] = []
+
+    def send_one() -> None:  # a task, on its loop's own connection
+        try:
+            anyio.run(tx.send, 1)
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    sender = threading.Thread(target=send_one, daemon=True)
+    assert tx._link is not None
+    registry = _Registry(tx._link, cluster)
+    try:
+        while not ready.wait(0.1):
+            assert child.exitcode is None, "the child failed"
+        while tx.statistics().open_receive_streams == 0:
+            time.sleep(0.02)
+        tx.send_blocking(0, 30)  # full
+        sender.start()
+        while tx.statistics().tasks_waiting_send == 0:
+            time.sleep(0.02)
+        stream = tx._link.stream
+        victim = next(s for s in cluster.servers if s.name == registry.cluster(stream).leader)
+        victim.kill()  # the election lasts seconds; the send tries every 20 ms
+        while registry.cluster(stream).leader in (None, victim.name):
+            time.sleep(0.02)
+        assert not outcome, outcome  # still waiting for room
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        sender.join(90)
+        assert not sender.is_alive(), "the send still waits for room"
+        assert len(outcome) == 1 and isinstance(outcome[0], anyio.BrokenResourceError), outcome
+    finally:
         os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
         child.join()
         registry.close()

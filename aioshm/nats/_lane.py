@@ -386,14 +386,16 @@ class Lane:
                 return
             err_code, description = error.get("err_code"), error.get("description")
             if err_code == _FULL:
-                if not committed:
-                    if time.monotonic() - link.counted_at > EOS_EVERY:
-                        await self._refresh(call)
-                    if link.counts.receivers == 0:
-                        call.fail(broken())
-                        return
-                    if not call.retreat():
-                        return
+                # Only a receiver makes room: with none left, fail, even past the point
+                # of no return (an earlier attempt, unanswered, that was stored after
+                # all would be received by nobody either).
+                if time.monotonic() - link.counted_at > EOS_EVERY:
+                    await self._refresh(call)
+                if link.counts.receivers == 0:
+                    call.fail(broken())
+                    return
+                if not committed and not call.retreat():
+                    return
                 await _pause(backoff, call)
                 backoff = min(backoff * 2, FULL_BACKOFF)
                 continue
