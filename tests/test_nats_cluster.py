@@ -4,6 +4,7 @@ and come back while producers and consumers run in processes of their own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -186,6 +187,28 @@ class _Registry:
         self.loop.close()
 
 
+@contextlib.contextmanager
+def _receiver_elsewhere(url: str, capacity: int) -> Iterator[tuple[Any, Any]]:
+    """``(tx, child)``: a send handle here, and a receive handle held by a child process
+    (by URL), already counted here; the child is killed at the end."""
+    tx, rx = aioshm.nats.open_channel(url, capacity=capacity)
+    rx.close()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=nats_workers.hold_receiver_by_url, args=(url, ready))
+    child.start()
+    try:
+        while not ready.wait(0.1):
+            assert child.exitcode is None, "the child failed"
+        while tx.statistics().open_receive_streams == 0:
+            time.sleep(0.02)
+        yield tx, child
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join()
+        tx.close()
+
+
 @pytest.mark.slow
 def test_no_verdict_within_a_heartbeat_of_a_new_registry_leader(cluster: LocalCluster) -> None:
     """The registry's leader dies: while the cluster elects another, every beat is lost
@@ -196,66 +219,55 @@ def test_no_verdict_within_a_heartbeat_of_a_new_registry_leader(cluster: LocalCl
     counting the receivers all along, must not judge them all gone meanwhile. (A
     heartbeat of 10 s: room for those beats on either side on a loaded machine.)"""
     url = f"{cluster.url}/c{uuid.uuid4().hex[:10]}?replicas=3&heartbeat=10"
-    tx, rx = aioshm.nats.open_channel(url, capacity=4)
-    rx.close()
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    child = ctx.Process(target=nats_workers.hold_receiver_by_url, args=(url, ready))
-    child.start()
     failures: list[BaseException] = []
     stop = threading.Event()
+    with _receiver_elsewhere(url, capacity=4) as (tx, child):
 
-    def send_all_along() -> None:  # into a full channel: each send counts the receivers
-        # (and none was on the wire while no server answered: it would wait for room)
-        while not stop.is_set():
-            try:
-                tx.send_blocking(0, 0.5)
-            except TimeoutError:
-                pass
-            except BaseException as exc:
-                failures.append(exc)
-                return
+        def send_all_along() -> None:  # into a full channel: each send counts receivers
+            # (and none was on the wire while no server answered: it would wait for room)
+            while not stop.is_set():
+                try:
+                    tx.send_blocking(0, 0.5)
+                except TimeoutError:
+                    pass
+                except BaseException as exc:
+                    failures.append(exc)
+                    return
 
-    sender = threading.Thread(target=send_all_along, daemon=True)
-    assert tx._link is not None and tx._link.heartbeat == 10
-    registry = _Registry(tx._link, cluster)
-    try:
-        while not ready.wait(0.1):
-            assert child.exitcode is None, "the child failed"
-        while tx.statistics().open_receive_streams == 0:  # counted here too
-            time.sleep(0.02)
-        [mine] = tx._link.owned
-        [theirs] = [s for s in registry.subjects() if s.startswith(f"{registry.prefix}.r.")]
-        victim = next(s for s in cluster.servers if s.name == registry.cluster().leader)
-        for i in range(4):  # full: a send started after the election counts receivers
-            tx.send_blocking(i, 30)
-        os.kill(child.pid, signal.SIGSTOP)  # type: ignore[arg-type]
-        # Stopped for half a heartbeat before the fault: it expires early in the election.
-        registry.wait_for_beats(mine, registry.last_beat(theirs).time, 3)
-        assert theirs in registry.subjects()
-        victim.kill()
-        while (elected := registry.cluster()).leader in (None, victim.name):
-            time.sleep(0.02)
-        while registry.cluster(tx._link.stream).leader in (None, victim.name):
-            time.sleep(0.02)  # the messages' stream too: a send now gets an answer
-        sender.start()
-        # This process beats three times after the election; the stopped one expired.
-        registry.wait_for_beats(mine, elected.leader_since, 3)
-        assert theirs not in registry.subjects()
-        os.kill(child.pid, signal.SIGCONT)  # type: ignore[arg-type]
-        while theirs not in registry.subjects():
+        sender = threading.Thread(target=send_all_along, daemon=True)
+        assert tx._link is not None and tx._link.heartbeat == 10
+        registry = _Registry(tx._link, cluster)
+        try:
+            [mine] = tx._link.owned
+            [theirs] = [s for s in registry.subjects() if s.startswith(f"{registry.prefix}.r.")]
+            victim = next(s for s in cluster.servers if s.name == registry.cluster().leader)
+            for i in range(4):  # full: a send started after the election counts receivers
+                tx.send_blocking(i, 30)
+            os.kill(child.pid, signal.SIGSTOP)
+            # Stopped for half a heartbeat before the fault: it expires early in the
+            # election.
+            registry.wait_for_beats(mine, registry.last_beat(theirs).time, 3)
+            assert theirs in registry.subjects()
+            victim.kill()
+            while (elected := registry.cluster()).leader in (None, victim.name):
+                time.sleep(0.02)
+            while registry.cluster(tx._link.stream).leader in (None, victim.name):
+                time.sleep(0.02)  # the messages' stream too: a send now gets an answer
+            sender.start()
+            # This process beats three times after the election; the stopped one expired.
+            registry.wait_for_beats(mine, elected.leader_since, 3)
+            assert theirs not in registry.subjects()
+            os.kill(child.pid, signal.SIGCONT)
+            while theirs not in registry.subjects():
+                assert not failures, failures
+                time.sleep(0.02)
+            stop.set()
+            sender.join(60)
+            assert not sender.is_alive(), "a send is stuck"
             assert not failures, failures
-            time.sleep(0.02)
-        stop.set()
-        sender.join(60)
-        assert not sender.is_alive(), "a send is stuck"
-        assert not failures, failures
-    finally:
-        stop.set()
-        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        child.join()
-        registry.close()
-        tx.close()
+        finally:
+            stop.set()
+            registry.close()
 
 
 @pytest.mark.slow
@@ -268,46 +280,34 @@ def test_a_send_unanswered_in_an_election_still_sees_the_receivers_go(
     send raises ``BrokenResourceError`` rather than wait for room that no receiver will
     ever make."""
     url = f"{cluster.url}/c{uuid.uuid4().hex[:10]}?replicas=3"
-    tx, rx = aioshm.nats.open_channel(url, capacity=1)
-    rx.close()
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    child = ctx.Process(target=nats_workers.hold_receiver_by_url, args=(url, ready))
-    child.start()
     outcome: list[BaseException | None] = []
+    with _receiver_elsewhere(url, capacity=1) as (tx, child):
 
-    def send_one() -> None:  # a task, on its loop's own connection
+        def send_one() -> None:  # a task, on its loop's own connection
+            try:
+                anyio.run(tx.send, 1)
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        sender = threading.Thread(target=send_one, daemon=True)
+        assert tx._link is not None
+        registry = _Registry(tx._link, cluster)
         try:
-            anyio.run(tx.send, 1)
-        except BaseException as exc:
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    sender = threading.Thread(target=send_one, daemon=True)
-    assert tx._link is not None
-    registry = _Registry(tx._link, cluster)
-    try:
-        while not ready.wait(0.1):
-            assert child.exitcode is None, "the child failed"
-        while tx.statistics().open_receive_streams == 0:
-            time.sleep(0.02)
-        tx.send_blocking(0, 30)  # full
-        sender.start()
-        while tx.statistics().tasks_waiting_send == 0:
-            time.sleep(0.02)
-        stream = tx._link.stream
-        victim = next(s for s in cluster.servers if s.name == registry.cluster(stream).leader)
-        victim.kill()  # the election lasts seconds; the send tries every 20 ms
-        while registry.cluster(stream).leader in (None, victim.name):
-            time.sleep(0.02)
-        assert not outcome, outcome  # still waiting for room
-        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        sender.join(90)
-        assert not sender.is_alive(), "the send still waits for room"
-        assert len(outcome) == 1 and isinstance(outcome[0], anyio.BrokenResourceError), outcome
-    finally:
-        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        child.join()
-        registry.close()
-        tx.close()
+            tx.send_blocking(0, 30)  # full
+            sender.start()
+            while tx.statistics().tasks_waiting_send == 0:
+                time.sleep(0.02)
+            stream = tx._link.stream
+            victim = next(s for s in cluster.servers if s.name == registry.cluster(stream).leader)
+            victim.kill()  # the election lasts seconds; the send tries every 20 ms
+            while registry.cluster(stream).leader in (None, victim.name):
+                time.sleep(0.02)
+            assert not outcome, outcome  # still waiting for room
+            os.kill(child.pid, signal.SIGKILL)
+            sender.join(90)
+            assert not sender.is_alive(), "the send still waits for room"
+            assert len(outcome) == 1 and isinstance(outcome[0], anyio.BrokenResourceError), outcome
+        finally:
+            registry.close()
