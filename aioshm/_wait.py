@@ -29,6 +29,7 @@ next wait starts a new thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -71,22 +72,65 @@ class HubFailed(RuntimeError):
 
 
 class _Waiter:
+    """A task waiting in a hub, on any event loop anyio runs (through an anyio event)."""
+
     __slots__ = ("error", "event", "tag", "token", "woken")
 
-    def __init__(self, token: EventLoopToken, event: anyio.Event, tag: object) -> None:
+    def __init__(self, token: EventLoopToken, tag: object) -> None:
         self.token = token
-        self.event = event
+        self.event = anyio.Event()
         self.tag = tag
         self.woken = False
         self.error: BaseException | None = None
 
     def notify(self) -> bool:
-        """Set the waiter's event from any thread; False if its event loop is gone."""
+        """Wake the task from any thread; False if its event loop is gone."""
         try:
             self.token.backend_class.run_sync_soon(self.event.set, (), self.token.native_token)
         except (anyio.RunFinishedError, RuntimeError):
             return False
         return True
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+class _AsyncioWaiter(_Waiter):
+    """The same on an asyncio loop, through a bare future: no anyio machinery on the
+    way. A cancelled task (anyio scope or ``Task.cancel()``) raises from :meth:`wait`
+    exactly as it would from the event's, woken or not."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tag: object) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.tag = tag
+        self.woken = False
+        self.error = None
+
+    def notify(self) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    async def wait(self) -> None:
+        await self.future
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # else cancelled meanwhile
+        future.set_result(None)
+
+
+def _new_waiter(tag: object) -> _Waiter:
+    token = current_token()
+    loop = token.native_token
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return _AsyncioWaiter(loop, tag)
+    return _Waiter(token, tag)
 
 
 class Hub:
@@ -159,7 +203,7 @@ class Hub:
         self._typical_wait += (time.monotonic() - started - self._typical_wait) / 4
 
     async def _sleep(self, tag: object, front: bool) -> None:
-        waiter = _Waiter(current_token(), anyio.Event(), tag)
+        waiter = _new_waiter(tag)
         with self._lock:
             if front:
                 self._waiters.appendleft(waiter)
@@ -173,7 +217,7 @@ class Hub:
             else:
                 self._work.notify()
         try:
-            await waiter.event.wait()
+            await waiter.wait()
         except BaseException:
             self._withdraw(waiter)
             raise
