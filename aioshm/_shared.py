@@ -126,6 +126,10 @@ class WaitCounters(NamedTuple):
     """Sleeps on a bell that ended by timeout rather than by a post."""
 
 
+def _none_reserved() -> int:
+    return 0
+
+
 class SharedObject:
     """Base of the shared objects; see the module docstring."""
 
@@ -521,14 +525,18 @@ class SharedObject:
     def ready(self, side: int) -> int:
         return self.locked(self._ready_locked, side)
 
-    def wait(self, side: int, timeout: float | None, reserved: int = 0) -> int:
+    def wait(
+        self, side: int, timeout: float | None, reserved: Callable[[], int] = _none_reserved
+    ) -> int:
         """Sleep until ``side`` may proceed, a bell rings, or ``timeout`` passes.
 
-        Returns how many waiters of ``side`` may proceed beyond ``reserved`` (already
-        woken ones); otherwise :data:`RANG` if a bell woke it, or 0. The caller then
-        checks again; a caller that cannot use a bell should :meth:`forward` it. It
-        sleeps unless enough is ready to be worth waking for
-        (:meth:`_worth_waking_locked`); after a timeout it counts whatever is ready.
+        Returns how many waiters of ``side`` may proceed beyond ``reserved()`` (already
+        woken ones, counted under the mutex each time it checks: as it registers and
+        again as it leaves); otherwise :data:`RANG` if a bell woke it, or 0. The caller
+        then checks again; a caller that cannot use a bell should :meth:`forward` it.
+        It sleeps unless enough is ready to be worth waking for
+        (:meth:`_worth_waking_locked`), and a bell's count is held to the same mark;
+        after a timeout it counts whatever is ready.
 
         **The bookkeeping.** ``SLEEPERS + side`` is a count, not a list: a sleeper adds
         one under the mutex; a waker that finds it positive takes one off and posts the
@@ -564,31 +572,39 @@ class SharedObject:
         rang = self._bells[side].wait(limit if timeout is None else min(limit, timeout))
         ready = self.locked(self._unregister_sleeper_locked, side, (reserved, rang), entry)
         if rang:
-            return RANG
+            return ready if ready > 0 else RANG
         self.maybe_sweep()
         return ready
 
-    def _register_sleeper_locked(self, side: int, reserved: int) -> tuple[int, int, int]:
+    def _register_sleeper_locked(
+        self, side: int, reserved: Callable[[], int]
+    ) -> tuple[int, int, int]:
         """``(ready, turn, entry)``: a sleeper is registered only if nothing is ready."""
         ctl = self._ctl
-        ready = self._worth_waking_locked(side) - reserved
+        ready = self._worth_waking_locked(side) - reserved()
         if ready > 0:
             return ready, 0, -1
         turn = ctl[SLEEPERS + SEND] + ctl[SLEEPERS + RECV] + 1
         ctl[SLEEPERS + side] += 1  # first the count, then the record (see above)
         return ready, turn, self._record_sleeper_locked(side)
 
-    def _unregister_sleeper_locked(self, side: int, outcome: tuple[int, bool], entry: int) -> int:
+    def _unregister_sleeper_locked(
+        self, side: int, outcome: tuple[Callable[[], int], bool], entry: int
+    ) -> int:
+        """How many waiters of ``side`` may proceed beyond the reserved ones, counted
+        as the sleeper leaves: after a bell as a sleeper that registers counts, after a
+        timeout whatever is ready."""
         reserved, rang = outcome
-        ready = 0
-        if not rang:
+        if rang:
+            ready = self._worth_waking_locked(side) - reserved()
+        else:
             ctl = self._ctl
             ctl[TIMED_OUT] += 1
             if ctl[SLEEPERS + side] > 0:
                 ctl[SLEEPERS + side] -= 1
             else:  # a waker took our registration: its post is ours to consume
                 self._bells[side].try_wait()
-            ready = max(self._ready_locked(side) - reserved, 0)
+            ready = max(self._ready_locked(side) - reserved(), 0)
         self._unrecord_sleeper_locked(side, entry)
         return ready
 

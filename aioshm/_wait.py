@@ -10,6 +10,8 @@ worker thread to each waiting task, each process has one *hub* per (shared objec
 * The hub's thread sleeps on the doorbell for all of them. When the shared object says
   ``n`` waiters could proceed, it wakes ``n`` tasks, oldest first; they retry their
   non-blocking operation, and a task that loses a race queues up again at the front.
+  A wake-up that nobody here can use (its tasks were cancelled meanwhile), it passes
+  on to another sleeper.
 * The thread is aioshm's own: it never takes a token from anyio's default thread
   limiter, so waiting tasks cannot starve ``anyio.to_thread.run_sync`` callers. It
   exits after a short idle spell, or when the object's last local handle closes.
@@ -27,6 +29,7 @@ next wait starts a new thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -40,7 +43,7 @@ from anyio import WouldBlock
 from anyio.lowlevel import EventLoopToken, checkpoint, current_token
 
 from . import _procs
-from ._shared import RANG, SharedObject
+from ._shared import SharedObject
 
 __all__ = ["Hub", "HubFailed"]
 
@@ -69,22 +72,65 @@ class HubFailed(RuntimeError):
 
 
 class _Waiter:
+    """A task waiting in a hub, on any event loop anyio runs (through an anyio event)."""
+
     __slots__ = ("error", "event", "tag", "token", "woken")
 
-    def __init__(self, token: EventLoopToken, event: anyio.Event, tag: object) -> None:
+    def __init__(self, token: EventLoopToken, tag: object) -> None:
         self.token = token
-        self.event = event
+        self.event = anyio.Event()
         self.tag = tag
         self.woken = False
         self.error: BaseException | None = None
 
     def notify(self) -> bool:
-        """Set the waiter's event from any thread; False if its event loop is gone."""
+        """Wake the task from any thread; False if its event loop is gone."""
         try:
             self.token.backend_class.run_sync_soon(self.event.set, (), self.token.native_token)
         except (anyio.RunFinishedError, RuntimeError):
             return False
         return True
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+class _AsyncioWaiter(_Waiter):
+    """The same on an asyncio loop, through a bare future: no anyio machinery on the
+    way. A cancelled task (anyio scope or ``Task.cancel()``) raises from :meth:`wait`
+    exactly as it would from the event's, woken or not."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tag: object) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.tag = tag
+        self.woken = False
+        self.error = None
+
+    def notify(self) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    async def wait(self) -> None:
+        await self.future
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # else cancelled meanwhile
+        future.set_result(None)
+
+
+def _new_waiter(tag: object) -> _Waiter:
+    token = current_token()
+    loop = token.native_token
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return _AsyncioWaiter(loop, tag)
+    return _Waiter(token, tag)
 
 
 class Hub:
@@ -157,7 +203,7 @@ class Hub:
         self._typical_wait += (time.monotonic() - started - self._typical_wait) / 4
 
     async def _sleep(self, tag: object, front: bool) -> None:
-        waiter = _Waiter(current_token(), anyio.Event(), tag)
+        waiter = _new_waiter(tag)
         with self._lock:
             if front:
                 self._waiters.appendleft(waiter)
@@ -171,7 +217,7 @@ class Hub:
             else:
                 self._work.notify()
         try:
-            await waiter.event.wait()
+            await waiter.wait()
         except BaseException:
             self._withdraw(waiter)
             raise
@@ -236,14 +282,24 @@ class Hub:
         self._woken = 0
         self._thread = None
 
-    def _wake(self, count: int) -> None:
+    def _wake(self, count: int) -> int:
+        """Wake up to ``count`` waiting tasks, oldest first; how many it woke."""
+        woke = 0
         with self._lock:
-            while self._waiters and count > 0:
+            while self._waiters and woke < count:
                 waiter = self._waiters.popleft()
                 waiter.woken = True
                 if waiter.notify():
                     self._woken += 1
-                    count -= 1
+                    woke += 1
+        return woke
+
+    def _reserved(self) -> int:
+        """Woken tasks still retrying: what the doorbell's count leaves to them. Read
+        under the shared object's mutex, not the hub's lock; a count just gone stale
+        costs one spurious wake-up (the woken task queues up again first) or one more
+        round on the doorbell."""
+        return self._woken
 
     def _run(self) -> None:
         try:
@@ -265,25 +321,20 @@ class Hub:
             self._obj.forward(self._side)
 
     def _serve(self) -> None:
-        obj, side = self._obj, self._side
-        ready = 0
+        obj, side, reserved = self._obj, self._side, self._reserved
+        ready = woke = 0
         while True:
             with self._lock:
-                if ready == RANG and not self._waiters:
-                    ready = 0
-                    forward = True
-                else:
-                    forward = False
+                forward = ready != 0 and not woke and not self._waiters
                 while not forward and not self._waiters:
                     idle = self._closed or not self._work.wait(LINGER)
                     if idle and not self._waiters:
                         self._thread = None
                         return
-                reserved = self._woken
-            if forward:  # a wake-up nobody here can use any more
+            if forward:  # a wake-up nobody here can use
                 obj.forward(side)
+                ready = 0
                 continue
             # Sleeps until rung or its turn to wake; a sleep that times out also sweeps.
             ready = obj.wait(side, None, reserved)
-            if ready > 0:
-                self._wake(ready)
+            woke = self._wake(ready) if ready > 0 else 0

@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 import aioshm
+from aioshm import _shared
 from aioshm._shared import RECV
 from aioshm._wait import LINGER
 
@@ -412,3 +413,39 @@ def test_hub_threads_exit_when_the_last_handle_is_collected_unclosed() -> None:
     thread = anyio.run(main)
     thread.join(LINGER / 2)
     assert not thread.is_alive(), "the hub thread waited out its idle linger"
+
+
+def test_a_hub_passes_on_a_wake_up_its_tasks_left_before_it_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub sleeps on the doorbell for a task, which is then cancelled: a wake-up the
+    hub takes for the next message, which nobody here waits for any more, goes on to
+    the other sleeper (a blocking receive in a thread), which would otherwise sleep out
+    its turn (made a minute long here)."""
+    monkeypatch.setattr(_shared, "SWEEP_INTERVAL", 60.0)
+    tx, rx = aioshm.open_channel[Any](capacity=4, max_message_size=64)
+    hub, queue = rx._channel.hubs[RECV], rx._channel.queue
+
+    async def main() -> None:
+        for i in range(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(rx.recv)
+                while hub.waiting < 1 or queue.wait_counters().sleepers[RECV] < 1:
+                    await anyio.sleep(0.001)
+                tg.cancel_scope.cancel()
+            # The task is gone; the hub still sleeps on the doorbell.
+            assert hub.waiting == 0
+            got: list[Any] = []
+            thread = threading.Thread(target=lambda: got.append(rx.recv_blocking(30)))
+            thread.start()
+            while queue.wait_counters().sleepers[RECV] < 2:
+                await anyio.sleep(0.001)
+            tx.send_nowait(("for the thread", i))
+            await anyio.to_thread.run_sync(thread.join, 10)
+            assert got == [("for the thread", i)]
+
+    try:
+        anyio.run(main)
+    finally:
+        tx.close()
+        rx.close()

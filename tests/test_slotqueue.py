@@ -165,20 +165,39 @@ def test_blocking_wait_and_timeout() -> None:
 
 def test_doorbell_protocol() -> None:
     """A sleeper registers with its readiness check under the mutex, so a publication
-    after it rings the bell; a timed-out sleeper deregisters."""
+    after it rings the bell; a timed-out sleeper deregisters. A rung sleeper counts
+    what is ready beyond the reserved as it leaves, with the reserved counted then."""
     queue, me = make(capacity=1)
     assert queue.wait(RECV, 0.05) == 0  # timed out
     assert queue.segment.ctl[_layout.SLEEPERS + RECV] == 0
     result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(queue.wait(RECV, 10)))
-    thread.start()
-    while queue.segment.ctl[_layout.SLEEPERS + RECV] == 0:
-        time.sleep(0.001)
+    reserved = [0]
+
+    def sleep_in_a_thread() -> threading.Thread:
+        thread = threading.Thread(
+            target=lambda: result.append(queue.wait(RECV, 10, lambda: reserved[0]))
+        )
+        thread.start()
+        while queue.segment.ctl[_layout.SLEEPERS + RECV] == 0:
+            time.sleep(0.001)
+        return thread
+
+    thread = sleep_in_a_thread()
     queue.try_put(me, Raw(b"x"))
     thread.join(10)
-    assert result == [RANG]
+    assert result == [1]  # rung, and what rang it counted on the way out
     assert queue.wait(RECV, 10) == 1  # ready at once, no sleep
-    assert queue.wait(RECV, 0.05, reserved=1) == 0  # promised to someone already woken
+    assert queue.wait(RECV, 0.05, lambda: 1) == 0  # promised to someone already woken
+    reserved[0] = 1  # the message is promised: it sleeps
+    thread = sleep_in_a_thread()
+    queue.forward(RECV)
+    thread.join(10)
+    assert result == [1, RANG]  # a bell with nothing beyond the reserved
+    thread = sleep_in_a_thread()
+    reserved[0] = 0  # the woken task is done without it
+    queue.forward(RECV)
+    thread.join(10)
+    assert result == [1, RANG, 1]  # counted as it left, not as it registered
 
 
 def test_repair_after_a_holder_died_mid_update() -> None:
