@@ -775,6 +775,86 @@ class Memcpy(SoloContender):
     setup = "`np.copyto` between two preallocated arrays of the message's size, in one process"
 
 
+class TwoCopyRing:
+    """The least a transport can do to hand an array it does not own to another
+    process's array: copy it into shared memory, then out of it, each copy on its own
+    core. ``slots`` slots of ``nbytes`` in a ``RawArray``, the classic bounded buffer
+    (semaphores ``empty``, starting at ``slots``, and ``full``, at 0) and nothing else:
+    no header, no codec, no allocation, one destination array used again each time.
+    """
+
+    def __init__(self, slots: int, nbytes: int, ctx: Context) -> None:
+        self.slots = slots
+        self.nbytes = nbytes
+        self.buffer = ctx.RawArray("B", slots * nbytes)
+        self.empty = ctx.Semaphore(slots)
+        self.full = ctx.Semaphore(0)
+
+    def views(self, like: Array) -> list[Array]:
+        """Each slot as an array shaped like ``like``, every page of it touched here
+        (the clock starts later: this is the ceiling, with no page to fault in)."""
+        raw = np.frombuffer(self.buffer, np.uint8).reshape(self.slots, self.nbytes)
+        out = [row.view(like.dtype).reshape(like.shape) for row in raw]
+        for view in out:
+            view[...] = like
+        return out
+
+
+class _TwoCopyEnd(_SyncEnd):
+    def __init__(self, ring: TwoCopyRing, data: Array, *, sending: bool) -> None:
+        super().__init__(data)
+        self.ring = ring
+        self.index = 0
+        if sending:
+            self.slot_views = ring.views(data)
+        else:  # read them through: the consumer maps its pages now too
+            raw = np.frombuffer(ring.buffer, np.uint8).reshape(ring.slots, ring.nbytes)
+            self.slot_views = [row.view(data.dtype).reshape(data.shape) for row in raw]
+            self.out = np.empty_like(data)
+            for view in self.slot_views:
+                np.copyto(self.out, view)
+
+    def send(self, item: Array) -> None:
+        ring = self.ring
+        ring.empty.acquire()
+        np.copyto(self.slot_views[self.index], item)
+        ring.full.release()
+        self.index = (self.index + 1) % ring.slots
+
+    def recv(self) -> Array:
+        ring = self.ring
+        ring.full.acquire()
+        np.copyto(self.out, self.slot_views[self.index])
+        ring.empty.release()
+        self.index = (self.index + 1) % ring.slots
+        return self.out
+
+
+class TwoCopies(SyncContender):
+    """The ceiling of a copying receive, as context: :class:`TwoCopyRing`, the same
+    depth as aioshm's channel."""
+
+    key = "two-copies"
+    label = "two copies, no transport (np.copyto in and out of shared slots; ceiling)"
+    workloads = frozenset({"large", "huge"})
+    setup = (
+        f"a `RawArray` of {LARGE_CAPACITY} slots of the message's size, every page touched "
+        "by both processes before the clock starts; `np.copyto` into a slot, "
+        "`np.copyto` out into one preallocated array; `Semaphore` hand-off"
+    )
+
+    def open(self, workload: Workload, producers: int, ctx: Context, tmpdir: str) -> Link:
+        assert producers == 1, "one producer: the slots are taken in turn"
+        ring = TwoCopyRing(LARGE_CAPACITY, workload.message_bytes, ctx)
+        return Link([ring] * producers, ring)
+
+    def sync_sender(self, end: Any, workload: Workload, data: Array) -> SyncSender:
+        return _TwoCopyEnd(end, data, sending=True)
+
+    def sync_receiver(self, end: Any, workload: Workload, data: Array) -> SyncReceiver:
+        return _TwoCopyEnd(end, data, sending=False)
+
+
 #: Every contender, in report order.
 CONTENDERS: Final[list[Contender]] = [
     AioshmAsync("asyncio"),
@@ -790,6 +870,7 @@ CONTENDERS: Final[list[Contender]] = [
     AioprocessingQueue(),
     FasterFifo(),
     Zmq(),
+    TwoCopies(),
     Memcpy(),
 ]
 

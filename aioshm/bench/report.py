@@ -221,6 +221,12 @@ def _method(results: Results) -> list[str]:
         "- memcpy (one core, `np.copyto`) is context, not a ceiling: where the cache holds "
         "both buffers (8 MiB here) it copies from cache, faster than any transport "
         "between two cores; the 64 MiB workload shows it from memory.",
+        "- *Two copies, no transport* is the ceiling of a copying receive: the sender's "
+        "array copied into a shared slot and out into the receiver's own array, each copy "
+        "on its own core, with nothing else (no header, no allocation, pages mapped before "
+        "the clock starts). Both copies are needed by any transport that hands over an "
+        "array the sender keeps as an array the receiver keeps, so no copying receive, "
+        "aioshm's or iceoryx2's, can pass it; the column shows how close each comes.",
         f"- `send_many`/`recv_many` use batches of {BATCH}. `recv_view` rows read only the "
         "last message through (to check it); the others are mapped and released, which "
         "is the point of a view. The in-place `send_loan` row writes every byte of every "

@@ -130,7 +130,7 @@ LARGE: Final = Workload(
     kind="throughput",
     producers=1,
     shape=(8 * 2**20 // 8,),
-    baselines=("mp-queue", "iceoryx2-wait", "memcpy"),
+    baselines=("mp-queue", "iceoryx2-wait", "two-copies", "memcpy"),
 )
 
 HUGE: Final = Workload(
@@ -149,7 +149,7 @@ HUGE: Final = Workload(
     kind="throughput",
     producers=1,
     shape=(64 * 2**20 // 8,),
-    baselines=("iceoryx2-wait", "memcpy"),
+    baselines=("iceoryx2-wait", "two-copies", "memcpy"),
     only=frozenset(
         {
             "aioshm-asyncio",
@@ -157,6 +157,7 @@ HUGE: Final = Workload(
             "iceoryx2-wait",
             "iceoryx2-inplace",
             "mp-queue",
+            "two-copies",
             "memcpy",
         }
     ),
