@@ -18,11 +18,21 @@ its own ``/proc/self/stat`` (its identity); :func:`my_identity` raises a clear
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
 import time
+from collections.abc import Callable
 
-__all__ = ["Liveness", "is_alive", "my_identity", "others_runnable", "probe", "start_time"]
+__all__ = [
+    "Liveness",
+    "RunnableWindow",
+    "is_alive",
+    "my_identity",
+    "others_runnable",
+    "probe",
+    "start_time",
+]
 
 _DEAD_STATES = frozenset("ZXx")
 _PF_EXITING = 0x4
@@ -126,19 +136,47 @@ def my_identity() -> tuple[int, int]:
     return _identity
 
 
-_runnable = (0.0, 0)
+class RunnableWindow:
+    """How many tasks of the machine, other than this process's running threads, have
+    been runnable throughout a short window: the least of the last ``size`` samples of
+    the kernel's instantaneous count, one sample per ``every`` seconds at most.
+
+    A task runnable for an instant (a kernel thread, a peer's thread on its way back to
+    sleep) is not counted, a load that lasts the window is. This process's own running
+    threads never are: a count that included them would stop a task from spinning
+    because its own wait thread had just woken it.
+    """
+
+    def __init__(self, every: float = 0.025, size: int = 4) -> None:
+        self._every = every
+        self._samples: collections.deque[int] = collections.deque(maxlen=size)
+        self._at = -float("inf")
+        self._least = 0
+
+    def get(self, now: float, own: int, read: Callable[[], int]) -> int:
+        """The answer at time ``now``; ``read()`` gives the machine's runnable count
+        (sampled only when one is due), of which ``own`` are this process's threads."""
+        if now - self._at >= self._every:
+            self._samples.append(max(0, read() - own))
+            self._at = now
+            self._least = min(self._samples)
+        return self._least
 
 
-def others_runnable() -> int:
-    """How many other tasks of the machine are runnable right now (from the kernel's
-    instantaneous count in ``/proc/loadavg``; re-read at most every 50 ms)."""
-    global _runnable
-    now = time.monotonic()
-    if now - _runnable[0] >= 0.05:
-        try:
-            with open("/proc/loadavg", "rb") as f:
-                running = int(f.read().split()[3].split(b"/")[0])
-        except (OSError, ValueError, IndexError):  # pragma: no cover - no /proc
-            running = 1
-        _runnable = (now, max(0, running - 1))
-    return _runnable[1]
+def _running_now() -> int:
+    """The kernel's instantaneous count of runnable tasks (``/proc/loadavg``)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):  # pragma: no cover - no /proc
+        return 0
+
+
+_window = RunnableWindow()
+
+
+def others_runnable(own: int = 1) -> int:
+    """How many other tasks have kept the machine's CPUs busy for the last 100 ms or so,
+    ``own`` being how many threads of this process run now (see :class:`RunnableWindow`;
+    re-read at most every 25 ms)."""
+    return _window.get(time.monotonic(), own, _running_now)

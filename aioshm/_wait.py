@@ -63,6 +63,28 @@ SPIN_WHILE_WAITS_UNDER = 4 * SPIN
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+#: This process's hub threads that are not asleep (they count as this process's own
+#: running threads when deciding whether to spin; see
+#: :func:`aioshm._procs.others_runnable`).
+_awake = 0
+_awake_lock = threading.Lock()
+
+
+def _hub_awake(delta: int) -> None:
+    global _awake
+    with _awake_lock:
+        _awake += delta
+
+
+def _reset_awake_in_child() -> None:
+    global _awake, _awake_lock
+    _awake, _awake_lock = 0, threading.Lock()  # no hub thread survives a fork
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_reset_awake_in_child)
+
+
 class HubFailed(RuntimeError):
     """The thread that waits on a shared object's doorbell for this process failed.
 
@@ -168,7 +190,10 @@ class Hub:
         while the task waited in it.
         """
         started = time.monotonic()
-        if self._typical_wait < SPIN_WHILE_WAITS_UNDER and _procs.others_runnable() < CPUS:
+        if (
+            self._typical_wait < SPIN_WHILE_WAITS_UNDER
+            and _procs.others_runnable(1 + _awake) < CPUS
+        ):
             spin_until = started + SPIN
             while True:
                 await checkpoint()
@@ -302,10 +327,13 @@ class Hub:
         return self._woken
 
     def _run(self) -> None:
+        _hub_awake(1)
         try:
             self._serve()
         except BaseException as exc:  # handed to every waiting task
             self._fail(exc)
+        finally:
+            _hub_awake(-1)
 
     def _fail(self, exc: BaseException) -> None:
         """The thread failed: fail every queued task, so that none waits for ever, and
@@ -327,7 +355,11 @@ class Hub:
             with self._lock:
                 forward = ready != 0 and not woke and not self._waiters
                 while not forward and not self._waiters:
-                    idle = self._closed or not self._work.wait(LINGER)
+                    _hub_awake(-1)
+                    try:
+                        idle = self._closed or not self._work.wait(LINGER)
+                    finally:
+                        _hub_awake(1)
                     if idle and not self._waiters:
                         self._thread = None
                         return
@@ -336,5 +368,9 @@ class Hub:
                 ready = 0
                 continue
             # Sleeps until rung or its turn to wake; a sleep that times out also sweeps.
-            ready = obj.wait(side, None, reserved)
+            _hub_awake(-1)
+            try:
+                ready = obj.wait(side, None, reserved)
+            finally:
+                _hub_awake(1)
             woke = self._wake(ready) if ready > 0 else 0

@@ -482,3 +482,47 @@ def test_sleeper_bookkeeping_balances_under_timeouts_and_rings() -> None:
     assert queue.wait_counters().sleepers == (0, 0)
     tx.close()
     rx.close()
+
+
+def test_the_spin_decision_counts_a_load_that_lasts_and_never_this_process() -> None:
+    """Whether a waiting task may spin hangs on how many *other* tasks keep the CPUs
+    busy: this process's own running threads are not counted, a task runnable at one
+    sample only is not counted, one runnable at every sample of the window is."""
+    counts = iter([3, 3, 9, 3, 3, 5, 5, 5, 5])  # the machine's runnable tasks, per sample
+    window = _procs.RunnableWindow(every=1.0, size=4)
+    got = [window.get(float(t), 2, lambda: next(counts)) for t in range(9)]
+    # 2 of the 3 runnable are this process's; a blip of 9 at one sample shows nowhere;
+    # 5 shows once four samples in a row have had it.
+    assert got == [1, 1, 1, 1, 1, 1, 1, 1, 3]
+
+    def unexpected() -> int:
+        raise AssertionError("read although no sample was due")
+
+    assert window.get(8.5, 2, unexpected) == 3
+    assert 0 <= _procs.others_runnable() < 10_000  # the real count, read from /proc
+
+
+def test_a_hub_thread_asleep_is_not_counted_as_running() -> None:
+    """A task's spin decision discounts this process's hub threads that are awake; one
+    asleep (on the doorbell, or idle waiting for work) is not among them."""
+    from aioshm import _wait
+
+    tx, rx = aioshm.open_channel[int](capacity=1, max_message_size=64)
+    hub = rx._channel.hubs[RECV]
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rx.recv)
+            with anyio.fail_after(10):
+                while hub.waiting < 1 or rx._channel.queue.wait_counters().sleepers[RECV] < 1:
+                    await anyio.sleep(0.001)
+            wait_until(lambda: _wait._awake == 0, what="the hub asleep on the doorbell")
+            tx.send_nowait(1)
+        wait_until(lambda: _wait._awake == 0, what="the hub asleep, waiting for work")
+        assert hub._thread is not None and hub._thread.is_alive()
+
+    try:
+        anyio.run(main)
+    finally:
+        tx.close()
+        rx.close()
