@@ -5,8 +5,9 @@ state, and only a thread can sleep on a process-shared semaphore. Rather than le
 worker thread to each waiting task, each process has one *hub* per (shared object, side):
 
 * A waiting task first retries briefly on its own event loop (see :data:`SPIN`);
-  then it queues up in the hub and awaits an event of its own event loop (asyncio or
-  trio, through anyio), so the loop never blocks and no thread is held per task.
+  then it queues up in the hub and awaits a wake-up of its own event loop (a bare future
+  on asyncio, an anyio event on trio), so the loop never blocks and no thread is held
+  per task.
 * The hub's thread sleeps on the doorbell for all of them. When the shared object says
   ``n`` waiters could proceed, it wakes ``n`` tasks, oldest first; they retry their
   non-blocking operation, and a task that loses a race queues up again at the front.
