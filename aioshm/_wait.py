@@ -77,6 +77,15 @@ def _hub_awake(delta: int) -> None:
         _awake += delta
 
 
+def _asleep(sleep: Callable[..., T], *args: object) -> T:
+    """``sleep(*args)``, this hub thread not counted as awake meanwhile."""
+    _hub_awake(-1)
+    try:
+        return sleep(*args)
+    finally:
+        _hub_awake(1)
+
+
 def _reset_awake_in_child() -> None:
     global _awake, _awake_lock
     _awake, _awake_lock = 0, threading.Lock()  # no hub thread survives a fork
@@ -356,11 +365,7 @@ class Hub:
             with self._lock:
                 forward = ready != 0 and not woke and not self._waiters
                 while not forward and not self._waiters:
-                    _hub_awake(-1)
-                    try:
-                        idle = self._closed or not self._work.wait(LINGER)
-                    finally:
-                        _hub_awake(1)
+                    idle = self._closed or not _asleep(self._work.wait, LINGER)
                     if idle and not self._waiters:
                         self._thread = None
                         return
@@ -369,9 +374,5 @@ class Hub:
                 ready = 0
                 continue
             # Sleeps until rung or its turn to wake; a sleep that times out also sweeps.
-            _hub_awake(-1)
-            try:
-                ready = obj.wait(side, None, reserved)
-            finally:
-                _hub_awake(1)
+            ready = _asleep(obj.wait, side, None, reserved)
             woke = self._wake(ready) if ready > 0 else 0

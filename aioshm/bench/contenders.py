@@ -791,27 +791,26 @@ class TwoCopyRing:
         self.full = ctx.Semaphore(0)
 
     def views(self, like: Array) -> list[Array]:
-        """Each slot as an array shaped like ``like``, every page of it touched here
-        (the clock starts later: this is the ceiling, with no page to fault in)."""
+        """Each slot as an array shaped like ``like`` (no copy)."""
         raw = np.frombuffer(self.buffer, np.uint8).reshape(self.slots, self.nbytes)
-        out = [row.view(like.dtype).reshape(like.shape) for row in raw]
-        for view in out:
-            view[...] = like
-        return out
+        return [row.view(like.dtype).reshape(like.shape) for row in raw]
 
 
 class _TwoCopyEnd(_SyncEnd):
+    """Either end of a :class:`TwoCopyRing`. Each touches every page of every slot
+    before the clock starts (the sender writes, the receiver reads): this is the
+    ceiling, with no page to fault in."""
+
     def __init__(self, ring: TwoCopyRing, data: Array, *, sending: bool) -> None:
         super().__init__(data)
         self.ring = ring
         self.index = 0
-        if sending:
-            self.slot_views = ring.views(data)
-        else:  # read them through: the consumer maps its pages now too
-            raw = np.frombuffer(ring.buffer, np.uint8).reshape(ring.slots, ring.nbytes)
-            self.slot_views = [row.view(data.dtype).reshape(data.shape) for row in raw]
-            self.out = np.empty_like(data)
-            for view in self.slot_views:
+        self.slot_views = ring.views(data)
+        self.out = np.empty_like(data)
+        for view in self.slot_views:
+            if sending:
+                np.copyto(view, data)
+            else:
                 np.copyto(self.out, view)
 
     def send(self, item: Array) -> None:
