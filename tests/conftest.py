@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.context
 import os
 import signal
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
+
+from .helpers import Context
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -20,9 +22,9 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=START_METHODS)
-def ctx(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
+def ctx(request: pytest.FixtureRequest) -> Context:
     """A multiprocessing context for each start method."""
-    return multiprocessing.get_context(request.param)
+    return cast(Context, multiprocessing.get_context(request.param))
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.context
 import multiprocessing.process
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+#: What the ``ctx`` fixture gives: a context of one of the three start methods (unlike
+#: ``BaseContext``, each has ``Process``).
+Context: TypeAlias = (
+    multiprocessing.context.ForkContext
+    | multiprocessing.context.SpawnContext
+    | multiprocessing.context.ForkServerContext
+)
 
 
-def join_all(procs: list[multiprocessing.process.BaseProcess], timeout: float = 60) -> None:
+def join_all(procs: Sequence[multiprocessing.process.BaseProcess], timeout: float = 60) -> None:
     """Join every process within ``timeout`` seconds and require exit code 0."""
     deadline = time.monotonic() + timeout
     for proc in procs:

@@ -7,7 +7,6 @@ because a zombie must count as dead too.
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.context
 import os
 import signal
 import time
@@ -21,7 +20,7 @@ import aioshm
 from aioshm._slotqueue import LOCKED_COPY_LIMIT
 
 from . import workers
-from .helpers import mutex_held, shared_sleepers, wait_until
+from .helpers import Context, mutex_held, shared_sleepers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,9 +40,7 @@ def ready_channel() -> tuple[aioshm.SendChannel[str], aioshm.ReceiveChannel[str]
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_killed_sole_sender_ends_the_stream_after_drain(
-    ctx: multiprocessing.context.BaseContext, backend: str
-) -> None:
+def test_killed_sole_sender_ends_the_stream_after_drain(ctx: Context, backend: str) -> None:
     tx, rx = aioshm.open_channel[str](capacity=2, max_message_size=64)
     ready_tx, ready_rx = ready_channel()
     child = ctx.Process(target=workers.block_in_send, args=(tx, ready_tx))
@@ -71,9 +68,7 @@ def test_killed_sole_sender_ends_the_stream_after_drain(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_killed_receiver_blocked_in_recv_counts_as_closed(
-    ctx: multiprocessing.context.BaseContext, backend: str
-) -> None:
+def test_killed_receiver_blocked_in_recv_counts_as_closed(ctx: Context, backend: str) -> None:
     """The sole receiver dies blocked in ``recv``: senders then get ``BrokenResourceError``
     (at the latest when they would wait for room)."""
     tx, rx = aioshm.open_channel[str](capacity=2, max_message_size=64)
@@ -101,9 +96,7 @@ def test_killed_receiver_blocked_in_recv_counts_as_closed(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_killed_sole_receiver_breaks_blocked_senders(
-    ctx: multiprocessing.context.BaseContext, backend: str
-) -> None:
+def test_killed_sole_receiver_breaks_blocked_senders(ctx: Context, backend: str) -> None:
     """Senders blocked on a full channel get ``BrokenResourceError`` within 1 s of the
     death of the last process that could receive."""
     tx, rx = aioshm.open_channel[str](capacity=1, max_message_size=64)
@@ -134,7 +127,7 @@ def test_killed_sole_receiver_breaks_blocked_senders(
     tx.close()
 
 
-def test_killed_loan_holder_gives_its_slot_back(ctx: multiprocessing.context.BaseContext) -> None:
+def test_killed_loan_holder_gives_its_slot_back(ctx: Context) -> None:
     """Killed between taking a slot and publishing it: the slot is recovered, the
     half-written message is never seen, and the other senders carry on."""
     tx, rx = aioshm.open_channel[Any](capacity=1, max_message_size=8192)
@@ -158,7 +151,7 @@ def test_killed_loan_holder_gives_its_slot_back(ctx: multiprocessing.context.Bas
 
 
 def test_killed_view_holder_has_its_message_redelivered(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """The message goes back to the *head* of the queue: it is received before the
     messages that were behind it."""
@@ -185,7 +178,7 @@ def test_killed_view_holder_has_its_message_redelivered(
 
 
 def test_killed_while_copying_a_large_message_in(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """Killed while copying a large message into its slot (outside the mutex): the slot
     is freed, counted in ``reclaimed_slots``; the half-written message is never seen,
@@ -214,7 +207,7 @@ def test_killed_while_copying_a_large_message_in(
 
 
 def test_killed_while_copying_a_large_message_out(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """Killed while copying a large message out of its slot (outside the mutex): the
     receive had not returned, so the message goes back to the head of the queue and is
@@ -244,7 +237,7 @@ def test_killed_while_copying_a_large_message_out(
         handle.close()
 
 
-def test_killed_while_holding_the_mutex(ctx: multiprocessing.context.BaseContext) -> None:
+def test_killed_while_holding_the_mutex(ctx: Context) -> None:
     """A process killed inside a critical section, with the shared state half-updated:
     the next holder is told (EOWNERDEAD), repairs the state, and everyone carries on."""
     tx, rx = aioshm.open_channel[Any](capacity=4, max_message_size=256)
@@ -270,7 +263,7 @@ def test_killed_while_holding_the_mutex(ctx: multiprocessing.context.BaseContext
 
 
 def test_survivors_carry_on_and_nothing_published_is_lost(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """One of two senders is killed mid-stream: every message it published before the
     kill is delivered once, and the other sender's stream completes.

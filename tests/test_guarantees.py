@@ -5,7 +5,6 @@ several consumer processes; a drain after the last sender closed in another proc
 
 from __future__ import annotations
 
-import multiprocessing.context
 from collections import Counter
 from typing import Any
 
@@ -17,7 +16,7 @@ import aioshm
 from aioshm._slotqueue import LOCKED_COPY_LIMIT
 
 from . import primitive_workers
-from .helpers import join_all, wait_until
+from .helpers import Context, join_all, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,7 +98,7 @@ def _receive_large(
 
 
 def test_large_messages_are_never_torn_with_several_consumers(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """Messages larger than the locked-copy limit are copied in and out of their slot
     with the mutex free. With 2 producer and 3 consumer processes racing over 4 slots,
@@ -145,9 +144,7 @@ def _fill_and_close(tx: aioshm.SendChannel[Any], count: int) -> None:
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_drain_after_the_last_sender_closed_elsewhere(
-    ctx: multiprocessing.context.BaseContext, backend: str
-) -> None:
+def test_drain_after_the_last_sender_closed_elsewhere(ctx: Context, backend: str) -> None:
     """The only sender, in another process, fills the channel (small and large
     messages) and closes. After the close is seen here, everything it sent is still
     received, in order, and only then ``EndOfStream``, for ever after."""
@@ -182,7 +179,7 @@ def test_drain_after_the_last_sender_closed_elsewhere(
 
 
 def test_notify_all_wakes_waiters_in_every_process(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """Waiters in three child processes (asyncio, trio) and two tasks here: one
     ``notify_all()`` wakes every one of them."""

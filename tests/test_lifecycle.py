@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import multiprocessing.context
 import os
 import subprocess
 import sys
@@ -23,15 +22,13 @@ from aioshm._shared import RECV
 from aioshm._wait import LINGER
 
 from . import workers
-from .helpers import join_all, wait_until
+from .helpers import Context, join_all, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_last_sender_closing_elsewhere_ends_blocked_receivers(
-    ctx: multiprocessing.context.BaseContext, backend: str
-) -> None:
+def test_last_sender_closing_elsewhere_ends_blocked_receivers(ctx: Context, backend: str) -> None:
     """Receivers blocked in this process drain what is left and get EndOfStream within
     0.5 s of the last send handle closing in another process."""
     tx, rx = aioshm.open_channel[int](capacity=4, max_message_size=64)
@@ -67,9 +64,7 @@ def test_last_sender_closing_elsewhere_ends_blocked_receivers(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_last_receiver_closing_elsewhere_breaks_blocked_senders(
-    ctx: multiprocessing.context.BaseContext, backend: str
-) -> None:
+def test_last_receiver_closing_elsewhere_breaks_blocked_senders(ctx: Context, backend: str) -> None:
     tx, rx = aioshm.open_channel[int](capacity=1, max_message_size=64)
     report_tx, report_rx = aioshm.open_channel[float](capacity=1, max_message_size=64)
     child = ctx.Process(target=workers.close_after, args=(rx, report_tx, 0.5))
@@ -121,7 +116,7 @@ def test_blocking_threads_are_woken_by_close() -> None:
 
 
 def test_process_exits_promptly_when_its_loop_ends_with_blocked_tasks(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """A process whose event loop ends while tasks are blocked in recv and send exits
     within 1 s: no hang in asyncio.run teardown or at interpreter exit."""

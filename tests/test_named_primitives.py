@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import multiprocessing.context
 import os
 import pickle
 import platform
@@ -24,7 +23,7 @@ import pytest
 import aioshm
 
 from . import primitive_workers
-from .helpers import cli, join_all, listed, shared_sleepers, wait_until
+from .helpers import Context, cli, join_all, listed, shared_sleepers, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -228,7 +227,7 @@ def test_errors_say_what_is_wrong() -> None:
 
 
 def test_a_named_value_passed_to_a_child_works_there_and_stays_the_parents(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     name = fresh()
     value = aioshm.Value("q", 0, name=name)

@@ -3,7 +3,6 @@ error that says what to do (issue 12)."""
 
 from __future__ import annotations
 
-import multiprocessing.context
 import os
 import re
 import signal
@@ -18,7 +17,7 @@ import aioshm
 from aioshm import HandleHolder
 
 from . import workers
-from .helpers import wait_until
+from .helpers import Context, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,7 +143,7 @@ def _send_frames(tx: aioshm.SendChannel[Any], count: int) -> None:
     anyio.run(main)
 
 
-def test_views_across_processes(ctx: multiprocessing.context.BaseContext) -> None:
+def test_views_across_processes(ctx: Context) -> None:
     tx, rx = aioshm.open_channel[Any](capacity=3, max_message_size=4096)
     proc = ctx.Process(target=_send_frames, args=(tx, 200))
     proc.start()
@@ -178,7 +177,7 @@ def test_holders_in_one_process() -> None:
 
 
 def test_holders_names_the_child_that_keeps_the_stream_open(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     me = os.getpid()
     tx, rx = aioshm.open_channel[Any]()

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import ctypes
 import multiprocessing
-import multiprocessing.context
 import os
 import pickle
 import random
@@ -35,11 +34,11 @@ import aioshm
 from aioshm import _sync
 
 from . import primitive_workers as workers
-from .helpers import join_all, shared_sleepers, wait_until
+from .helpers import Context, join_all, shared_sleepers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-Ctx = multiprocessing.context.BaseContext
+Ctx = Context
 DEADLINE = 1.0  # the bound for freeing a dead holder's lock
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.context
 import pickle
 from collections import Counter
 from typing import Any
@@ -14,15 +13,13 @@ import pytest
 import aioshm
 
 from . import workers
-from .helpers import join_all, wait_until
+from .helpers import Context, join_all, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_producers_then_parent_closes_its_end(
-    ctx: multiprocessing.context.BaseContext, backend: str
-) -> None:
+def test_producers_then_parent_closes_its_end(ctx: Context, backend: str) -> None:
     """Pattern 1: the parent starts producers with ``tx``, closes its own ``tx`` at once,
     then iterates ``rx``: it sees every message, then a clean end."""
     tx, rx = aioshm.open_channel[Any](capacity=4, max_message_size=256)
@@ -48,7 +45,7 @@ def test_producers_then_parent_closes_its_end(
 
 
 def test_consumer_and_producers_parent_closes_both(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """Pattern 2: one consumer child with ``rx``, producer children with ``tx``; the
     parent closes both ends. The consumer sees every message, then a clean end."""
@@ -73,7 +70,7 @@ def test_consumer_and_producers_parent_closes_both(
 
 
 @pytest.mark.slow
-def test_mpmc_exactly_once(ctx: multiprocessing.context.BaseContext) -> None:
+def test_mpmc_exactly_once(ctx: Context) -> None:
     """4 producer processes x 4 consumer processes x 10,000 messages: every message is
     received exactly once, and each producer's messages arrive in its own order."""
     count = 10_000
@@ -174,7 +171,7 @@ def test_pickling_a_closed_handle_is_refused() -> None:
 
 
 def test_child_exit_without_close_counts_as_closing(
-    ctx: multiprocessing.context.BaseContext,
+    ctx: Context,
 ) -> None:
     """A child that exits without closing its handle still ends the stream."""
     tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=64)
