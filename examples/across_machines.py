@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
+import multiprocessing.process
 import sys
 import time
 import uuid
@@ -71,7 +72,7 @@ def main() -> int:
         # The channel is created here; its handles keep it open until both sides joined.
         tx, rx = aioshm.nats.open_channel(url, capacity=8, max_message_size=480 * 640)
         events = [ctx.Event(), ctx.Event()]
-        procs = [
+        procs: list[multiprocessing.process.BaseProcess] = [
             ctx.Process(target=consumer, args=(url, events[0])),
             ctx.Process(target=producer, args=(url, args.frames, events[1])),
         ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ BATCH = 64
 
 
 async def main() -> None:
-    tx, rx = aioshm.open_channel(128, 1024)
+    tx, rx = aioshm.open_channel[np.ndarray[Any, Any]](128, 1024)
     items = [np.arange(10, dtype=np.float64)] * BATCH
 
     async def pairs(n: int) -> None:

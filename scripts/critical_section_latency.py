@@ -28,7 +28,7 @@ def measure(tx: aioshm.SendChannel[Any], seconds: float, out: Any) -> None:
     (B's own preemption, which the machine's load causes, hits every probe alike, so
     only contended waits are counted)."""
     mutex = tx._queue.segment.mutex
-    ptr = getattr(mutex, "ptr", None) or mutex._ptr  # (also runs on aioshm 0.1)
+    ptr = getattr(mutex, "ptr", None) or mutex._ptr  # type: ignore[attr-defined]  # aioshm 0.1
     trylock = getattr(_posix, "trylock", None) or _posix._mutex_trylock
     unlock = getattr(_posix, "unlock", None) or _posix._mutex_unlock
     contended = getattr(mutex, "acquire_contended", None) or (lambda _: mutex.acquire())
@@ -63,7 +63,7 @@ def measure(tx: aioshm.SendChannel[Any], seconds: float, out: Any) -> None:
 
 
 def run(scenario: str, seconds: float) -> dict[str, float]:
-    tx, rx = aioshm.open_channel(16, 1024)
+    tx, rx = aioshm.open_channel[Any](16, 1024)
     stop = threading.Event()
     threads = []
     item = np.arange(10.0)

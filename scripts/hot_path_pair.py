@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import timeit
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ import aioshm
 
 
 def main() -> None:
-    tx, rx = aioshm.open_channel(16, 1024)
+    tx, rx = aioshm.open_channel[np.ndarray[Any, Any]](16, 1024)
     item = np.arange(10, dtype=np.float64)
 
     def pair() -> None:

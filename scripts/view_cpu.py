@@ -61,7 +61,7 @@ async def consume(rx: Any, mode: str) -> None:
 
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "view"
-    tx, rx = aioshm.open_channel(4, 8 << 20)
+    tx, rx = aioshm.open_channel[Any](4, 8 << 20)
     producer = mp.Process(target=produce, args=(tx,))
     producer.start()
     tx.close()
