@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import anyio
 
@@ -105,11 +106,12 @@ def exit_without_closing(name: str) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {
+    commands: dict[str, Callable[..., None]] = {
         "lock": lock,
         "event-wait": event_wait,
         "count": count,
         "create": create,
         "join": join,
         "exit": exit_without_closing,
-    }[command](*args)
+    }
+    commands[command](*args)

@@ -50,8 +50,11 @@ def channel(
     return aioshm.open_channel[kind](capacity=capacity, max_message_size=256)
 
 
-async def settled(condition: Callable[[], bool]) -> None:
-    """Wait until a woken waiter has run (it takes its own slot, asynchronously)."""
+async def settled(condition: Callable[..., bool]) -> None:
+    """Wait until a woken waiter has run (it takes its own slot, asynchronously).
+
+    ``condition`` is called without arguments (a lambda binding its loop variables as
+    defaults is one)."""
     with fail_after(10):
         while not condition():
             await anyio.sleep(0.001)

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -81,7 +81,7 @@ def test_a_live_name_is_taken_and_a_closed_one_free() -> None:
 )
 def test_malformed_names(bad: str) -> None:
     for call in (
-        lambda: aioshm.open_channel(name=bad),
+        lambda: aioshm.open_channel[Any](name=bad),
         lambda: aioshm.connect_send(bad),
         lambda: aioshm.connect_receive(bad),
     ):
@@ -101,10 +101,15 @@ def test_unknown_url_scheme_is_named() -> None:
 
 def test_a_registered_scheme_is_dispatched() -> None:
     calls: list[tuple[Any, ...]] = []
-    _names.SCHEMES["demo"] = lambda op, name, **kw: calls.append((op, name, kw)) or "handle"
-    try:
-        assert aioshm.connect_send("demo://x", timeout=2) == "handle"
-        assert aioshm.open_channel(name="demo://y") == "handle"
+
+    def demo(op: str, name: str, **kw: Any) -> str:
+        calls.append((op, name, kw))
+        return "handle"
+
+    _names.SCHEMES["demo"] = demo
+    try:  # the transport's "handle" is what the entry points return (typed as handles)
+        assert cast(object, aioshm.connect_send("demo://x", timeout=2)) == "handle"
+        assert cast(object, aioshm.open_channel[Any](name="demo://y")) == "handle"
     finally:
         del _names.SCHEMES["demo"]
     assert [c[:2] for c in calls] == [("send", "demo://x"), ("open", "demo://y")]
@@ -262,7 +267,7 @@ def test_a_killed_creator_leaves_a_stale_name_that_the_next_open_reclaims() -> N
         aioshm.connect_receive(name)
     assert not exists(name)  # ... and that look reclaimed it
     # The same through open_channel, after another crash.
-    creator = subprocess.Popen(
+    crashed = subprocess.Popen(
         [
             sys.executable,
             "-c",
@@ -270,7 +275,7 @@ def test_a_killed_creator_leaves_a_stale_name_that_the_next_open_reclaims() -> N
             "os.kill(os.getpid(), signal.SIGKILL)\n",
         ]
     )
-    creator.wait(30)
+    crashed.wait(30)
     assert exists(name)
     tx, rx = aioshm.open_channel[Any](name=name)
     tx.send_nowait("fresh")

@@ -218,7 +218,7 @@ def test_errors_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="an Event is local to this machine"):
         aioshm.Event.connect("nats://localhost:4222/x")
     with pytest.raises(ValueError, match="has a lock of its own"):
-        aioshm.Value("i", name=name, lock=False)
+        aioshm.Value("i", name=name, lock=False)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="a named Value or Array holds a typecode's type"):
         aioshm.Value(Pair, name=name)
     with pytest.raises(ValueError, match="must let the owner read and write"):

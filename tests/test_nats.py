@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -27,9 +27,10 @@ from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBl
 import aioshm
 import aioshm.nats
 from aioshm.nats import LocalServer
-from aioshm.nats._link import close_links
+from aioshm.nats._link import Link, close_links
 
 from . import nats_workers
+from .helpers import Context
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,12 +61,18 @@ def channel_url(server: LocalServer, query: str = "") -> str:
     return f"{server.url}/t{uuid.uuid4().hex[:12]}" + (f"?{query}" if query else "")
 
 
+def link_of(rx: aioshm.ReceiveChannel[Any]) -> Link:
+    """The link of ``rx``, an open receive handle that ``aioshm.open_channel`` gave for
+    a NATS URL (a network channel's handle, typed as a shared-memory one)."""
+    return cast(Link, cast(aioshm.nats.ReceiveChannel[Any], rx)._link)
+
+
 # ---------------------------------------------------------------- basics
 
 
 @pytest.mark.anyio
 async def test_round_trip_of_every_kind(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+    tx, rx = aioshm.open_channel[Any](name=channel_url(server), capacity=8)
     items: list[Any] = [
         1,
         "two",
@@ -91,7 +98,9 @@ async def test_round_trip_of_every_kind(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_eight_mib_array(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=2, max_message_size=8 << 20)
+    tx, rx = aioshm.open_channel[np.ndarray[Any, Any]](
+        name=channel_url(server), capacity=2, max_message_size=8 << 20
+    )
     array = np.random.default_rng(1).random(1 << 20)
     async with tx, rx:
         await tx.send(array)
@@ -104,7 +113,7 @@ async def test_eight_mib_array(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_end_of_stream_after_the_buffered_messages(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server))
+    tx, rx = aioshm.open_channel[int](name=channel_url(server))
     tx2 = tx.clone()
     await tx.send(1)
     tx.close()
@@ -118,7 +127,7 @@ async def test_end_of_stream_after_the_buffered_messages(server: LocalServer) ->
 
 @pytest.mark.anyio
 async def test_broken_when_every_receiver_is_gone(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server))
+    tx, rx = aioshm.open_channel[int](name=channel_url(server))
     rx2 = rx.clone()
     rx.close()
     with tx:
@@ -130,7 +139,7 @@ async def test_broken_when_every_receiver_is_gone(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_waiting_sender_breaks_when_the_last_receiver_closes(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
+    tx, rx = aioshm.open_channel[int](name=channel_url(server), capacity=1)
     with tx:
         await tx.send(1)
         async with anyio.create_task_group() as tg:
@@ -147,7 +156,7 @@ async def test_waiting_sender_breaks_when_the_last_receiver_closes(server: Local
 
 @pytest.mark.anyio
 async def test_bounded_send_waits_and_never_drops(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=3)
+    tx, rx = aioshm.open_channel[int](name=channel_url(server), capacity=3)
     async with tx, rx:
         for i in range(3):
             await tx.send(i)
@@ -170,7 +179,7 @@ async def test_bounded_send_waits_and_never_drops(server: LocalServer) -> None:
 
 
 def test_blocking_forms_and_nowait(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
+    tx, rx = aioshm.open_channel[Any](name=channel_url(server), capacity=1)
     with tx, rx:
         with pytest.raises(WouldBlock):
             tx.send_nowait(1)
@@ -188,7 +197,7 @@ def test_blocking_forms_and_nowait(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_many(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=32)
+    tx, rx = aioshm.open_channel[int](name=channel_url(server), capacity=32)
     async with tx, rx:
         await tx.send_many(range(20))
         got: list[int] = []
@@ -201,7 +210,7 @@ async def test_many(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_shared_memory_only_methods_say_so(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server))
+    tx, rx = aioshm.open_channel[Any](name=channel_url(server))
     with tx, rx:
         with pytest.raises(TypeError, match="shared-memory"):
             tx.send_loan(4)
@@ -213,7 +222,7 @@ async def test_shared_memory_only_methods_say_so(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_closed_handles(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server))
+    tx, rx = aioshm.open_channel[int](name=channel_url(server))
     tx2 = tx.clone()
     tx.close()
     tx.close()
@@ -237,7 +246,7 @@ async def test_closed_handles(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_cancelled_send_sent_nothing(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
+    tx, rx = aioshm.open_channel[str](name=channel_url(server), capacity=1)
     async with tx, rx:
         await tx.send("first")
         with anyio.move_on_after(0.3) as scope:
@@ -250,7 +259,7 @@ async def test_cancelled_send_sent_nothing(server: LocalServer) -> None:
 
 @pytest.mark.anyio
 async def test_cancelled_receive_took_nothing(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=64)
+    tx, rx = aioshm.open_channel[int](name=channel_url(server), capacity=64)
     async with tx, rx:
         with anyio.move_on_after(0.2):
             await rx.recv()
@@ -279,7 +288,7 @@ async def test_cancelled_receive_took_nothing(server: LocalServer) -> None:
 async def test_calls_in_a_cancelled_scope_raise_and_do_nothing(server: LocalServer) -> None:
     """Every async call is a cancel point, on the asyncio lane (once its connection is
     open) and under trio: made in a cancelled scope, it raises and does nothing."""
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+    tx, rx = aioshm.open_channel[str](name=channel_url(server), capacity=8)
     async with tx, rx:
         await tx.send("opened")  # the lane's connection is open: no wait on entry now
         assert await rx.recv() == "opened"
@@ -303,7 +312,7 @@ async def test_calls_in_a_cancelled_scope_raise_and_do_nothing(server: LocalServ
 def test_native_asyncio_cancellation_pending_on_entry(server: LocalServer) -> None:
     """A task cancelled (``Task.cancel()``) while it ran, before it calls: the call
     raises ``CancelledError`` at once and sends or takes nothing."""
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+    tx, rx = aioshm.open_channel[str](name=channel_url(server), capacity=8)
 
     async def cancelled_then(call: Any) -> None:
         task = asyncio.current_task()
@@ -328,7 +337,7 @@ def test_native_asyncio_cancellation_pending_on_entry(server: LocalServer) -> No
 
 
 def test_native_asyncio_cancellation(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=1)
+    tx, rx = aioshm.open_channel[Any](name=channel_url(server), capacity=1)
 
     async def main() -> None:
         recv = asyncio.ensure_future(rx.recv())
@@ -371,11 +380,11 @@ def test_send_cancelled_once_on_the_wire_completes(server: LocalServer) -> None:
     """On asyncio, a send publishes from its own task; once its publish is on the wire,
     a native cancellation waits for the server's answer and the send completes (the
     cancellation is not raised again): the message is stored, once."""
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+    tx, rx = aioshm.open_channel[str](name=channel_url(server), capacity=8)
 
     async def main() -> list[Any]:
         await tx.send("before")  # this loop's connection is up
-        send = asyncio.ensure_future(tx.send("on the wire"))
+        send: asyncio.Task[Any] = asyncio.ensure_future(tx.send("on the wire"))
         while tx.statistics().tasks_waiting_send == 0:  # not yet on the wire
             await asyncio.sleep(0)
         # It counts itself waiting just before its publish, which nats-py queues before
@@ -395,14 +404,15 @@ def test_receive_cancelled_as_messages_are_handed_to_it_returns_them(
     """On asyncio, a receive waits in its own task; messages handed to it are past the
     point of no return: a native cancellation that comes before the task runs again is
     deferred, and the messages returned."""
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=8)
+    tx, rx = aioshm.open_channel[str](name=channel_url(server), capacity=8)
 
     async def main() -> Any:
-        msg = await _deliver_without_ack(rx._link)  # held here, not pulled by the receive
+        msg = await _deliver_without_ack(link_of(rx))  # held here, not pulled by the receive
         recv = asyncio.ensure_future(rx.recv())
         while rx.statistics().tasks_waiting_receive == 0:
             await asyncio.sleep(0.01)
-        lane = await rx._link.lane_here()
+        lane = await link_of(rx).lane_here()
+        assert lane is not None  # the waiting receive is on this loop's lane
         lane.buffer.append((msg, time.monotonic()))
         lane._match()  # handed over...
         recv.cancel()  # ...and cancelled before the receive's task runs again
@@ -425,8 +435,8 @@ def test_handles_passed_to_processes_are_owned_there(
 ) -> None:
     """Producer and consumer processes: every message once, in order per producer at
     every consumer; the parent closes its handles at once."""
-    ctx = multiprocessing.get_context(method)
-    tx, rx = aioshm.open_channel(name=channel_url(server), capacity=16)
+    ctx = cast(Context, multiprocessing.get_context(method))
+    tx, rx = aioshm.open_channel[tuple[int, int]](name=channel_url(server), capacity=16)
     out = ctx.Queue()
     count = 60
     procs = [
@@ -453,7 +463,7 @@ def test_handles_passed_to_processes_are_owned_there(
 
 
 def test_pickled_handle_is_owned_where_unpickled(server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server))
+    tx, rx = aioshm.open_channel[int](name=channel_url(server))
     data = pickle.dumps(tx)
     tx.close()
     tx2 = pickle.loads(data)  # as another process, on any machine, would
@@ -468,7 +478,7 @@ def test_pickled_handle_is_owned_where_unpickled(server: LocalServer) -> None:
 @pytest.mark.slow
 def test_dead_sender_ends_the_stream_within_the_heartbeat(server: LocalServer) -> None:
     url = channel_url(server, "heartbeat=2")
-    tx, rx = aioshm.open_channel(name=url)
+    tx, rx = aioshm.open_channel[str](name=url)
     ctx = multiprocessing.get_context("forkserver")
     ready = ctx.Event()
     child = ctx.Process(target=nats_workers.hold_given_sender, args=(tx, ready))
@@ -491,7 +501,7 @@ def test_dead_sender_ends_the_stream_within_the_heartbeat(server: LocalServer) -
 @pytest.mark.slow
 def test_dead_receiver_message_is_delivered_again(server: LocalServer) -> None:
     url = channel_url(server, "ack_wait=1&prefetch=4&heartbeat=2")
-    tx, rx = aioshm.open_channel(name=url, capacity=16)
+    tx, rx = aioshm.open_channel[int](name=url, capacity=16)
     with tx:
         for i in range(10):
             tx.send_blocking(i, 10)
@@ -512,7 +522,7 @@ def test_dead_receiver_message_is_delivered_again(server: LocalServer) -> None:
         assert rx.statistics().redelivered_messages == 4
 
 
-def _recv_or_none(rx: aioshm.nats.ReceiveChannel[Any]) -> Any:
+def _recv_or_none(rx: aioshm.ReceiveChannel[Any] | aioshm.nats.ReceiveChannel[Any]) -> Any:
     try:
         return rx.recv_blocking(30)
     except EndOfStream:
@@ -545,10 +555,10 @@ def test_acknowledgement_applied_but_unconfirmed_while_no_server_answers(
     from aioshm.nats import _bridge
 
     url = channel_url(own_server, "ack_wait=1&heartbeat=30")
-    tx, rx = aioshm.open_channel(name=url, capacity=8)
+    tx, rx = aioshm.open_channel[str](name=url, capacity=8)
     with tx, rx:
         tx.send_blocking("only", 10)
-        link = rx._link
+        link = link_of(rx)
         msg = _bridge.run(_deliver_without_ack(link), 20)
         arrived = time.monotonic()
         _bridge.run(link.nc.request(msg.reply, b"+ACK", timeout=5), 10)  # applied...
@@ -573,10 +583,10 @@ def test_late_acknowledgement_of_a_message_delivered_again_elsewhere(
     from aioshm.nats import _bridge
 
     url = channel_url(server, "ack_wait=1&heartbeat=30")
-    tx, rx = aioshm.open_channel(name=url, capacity=8)
+    tx, rx = aioshm.open_channel[str](name=url, capacity=8)
     with tx, rx:
         tx.send_blocking("once", 10)
-        link = rx._link
+        link = link_of(rx)
         first = _bridge.run(_deliver_without_ack(link), 20)
         arrived = time.monotonic()
         assert rx.recv_blocking(30) == "once"  # delivered again, after ack_wait
@@ -585,7 +595,7 @@ def test_late_acknowledgement_of_a_message_delivered_again_elsewhere(
 
 
 def test_restarted_server_keeps_file_backed_messages(own_server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(own_server, "heartbeat=30"), capacity=8)
+    tx, rx = aioshm.open_channel[int](name=channel_url(own_server, "heartbeat=30"), capacity=8)
     with tx, rx:
         for i in range(3):
             tx.send_blocking(i, 10)
@@ -597,7 +607,7 @@ def test_restarted_server_keeps_file_backed_messages(own_server: LocalServer) ->
 
 @pytest.mark.slow
 def test_send_waits_while_no_server_is_reachable(own_server: LocalServer) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(own_server, "heartbeat=30"), capacity=8)
+    tx, rx = aioshm.open_channel[str](name=channel_url(own_server, "heartbeat=30"), capacity=8)
     with tx, rx:
         own_server.kill()
 
@@ -663,7 +673,7 @@ def test_missing_channel(server: LocalServer) -> None:
 
 def test_existing_channel_with_other_sizes(server: LocalServer) -> None:
     url = channel_url(server)
-    tx, rx = aioshm.open_channel(name=url, capacity=4)
+    tx, rx = aioshm.open_channel[int](name=url, capacity=4)
     with tx, rx, pytest.raises(ValueError, match="capacity=4"):
         aioshm.open_channel(name=url, capacity=5)
 
@@ -804,7 +814,7 @@ def test_tls(tmp_path: Path) -> None:
 def test_sender_that_closes_and_exits_ends_the_stream_at_once(server: LocalServer) -> None:
     """A closed handle counts out when it closes, not when its heartbeat expires (30 s
     here), even if its process exits right after."""
-    tx, rx = aioshm.open_channel(name=channel_url(server, "heartbeat=30"))
+    tx, rx = aioshm.open_channel[tuple[int, int]](name=channel_url(server, "heartbeat=30"))
     child = multiprocessing.get_context("fork").Process(
         target=nats_workers.produce, args=(tx, 0, 3, "asyncio")
     )
@@ -824,7 +834,7 @@ def test_closing_receiver_gives_back_what_it_pulled_ahead(server: LocalServer) -
     """Messages pulled ahead by a receiver that closes and exits go to the others at
     once, not after ack_wait (30 s here)."""
     url = channel_url(server, "ack_wait=30&prefetch=4")
-    tx, rx = aioshm.open_channel(name=url, capacity=16)
+    tx, rx = aioshm.open_channel[int](name=url, capacity=16)
     with tx:
         for i in range(10):
             tx.send_blocking(i, 10)
@@ -848,7 +858,7 @@ def test_ended_event_loop_gives_back_what_its_connection_pulled_ahead(
     ahead go to the other receivers once the loop ends (``asyncio.run`` returns), not
     after ack_wait (30 s here, past the receives' timeout)."""
     url = channel_url(server, "ack_wait=30&prefetch=4")
-    tx, rx = aioshm.open_channel(name=url, capacity=16)
+    tx, rx = aioshm.open_channel[int](name=url, capacity=16)
     with tx, rx:
         for i in range(6):
             tx.send_blocking(i, 10)
@@ -867,7 +877,7 @@ def test_ended_event_loop_gives_back_what_its_connection_pulled_ahead(
 def test_dead_receiver_process_breaks_the_channel_within_the_heartbeat(
     server: LocalServer,
 ) -> None:
-    tx, rx = aioshm.open_channel(name=channel_url(server, "heartbeat=2"), capacity=10_000)
+    tx, rx = aioshm.open_channel[int](name=channel_url(server, "heartbeat=2"), capacity=10_000)
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
     child = ctx.Process(target=nats_workers.hold_receiver, args=(rx, ready))
@@ -913,7 +923,7 @@ def test_one_dispatch_for_every_name(server: LocalServer) -> None:
     with pytest.raises(ValueError, match=r"unknown scheme 'http'.*nats://"):
         aioshm.open_channel(name="http://127.0.0.1:1/x")
     url = channel_url(server)
-    tx, rx = aioshm.open_channel(name=url)
+    tx, rx = aioshm.open_channel[str](name=url)
     assert isinstance(tx, aioshm.nats.SendChannel)
     with tx, rx, aioshm.connect_send(url) as tx2, aioshm.connect_receive(url) as rx2:
         tx2.send_blocking("via connect_send", 10)

@@ -22,12 +22,14 @@ from .helpers import Context, wait_until
 pytestmark = pytest.mark.timeout(60)
 
 
-def intact(channel: Any) -> bool:
+def intact(channel: aioshm.SendChannel[Any] | aioshm.ReceiveChannel[Any]) -> bool:
     stats = channel.statistics()
     return stats.free_slots == stats.max_buffer_size and stats.slots_in_use == 0
 
 
-def inside_segment(channel: Any, array: np.ndarray[Any, Any]) -> bool:
+def inside_segment(
+    channel: aioshm.SendChannel[Any] | aioshm.ReceiveChannel[Any], array: np.ndarray[Any, Any]
+) -> bool:
     segment = channel._queue.segment
     start = int(array.__array_interface__["data"][0])
     return segment.address <= start < segment.address + segment.layout.size
@@ -230,7 +232,7 @@ def test_oversize_error_says_what_to_do() -> None:
 
 
 def test_recv_is_the_documented_name_and_receive_its_alias() -> None:
-    rx_class = aioshm.ReceiveChannel
+    rx_class: type[aioshm.ReceiveChannel[Any]] = aioshm.ReceiveChannel
     assert rx_class.receive is rx_class.recv
     assert rx_class.receive_nowait is rx_class.recv_nowait
     assert rx_class.receive_blocking is rx_class.recv_blocking

@@ -22,9 +22,10 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from multiprocessing.pool import ApplyResult
+from typing import Any, cast
 
 import anyio
 import anyio.to_process
@@ -34,7 +35,7 @@ import aioshm
 from aioshm import _ownership
 
 from . import reach_workers as w
-from .helpers import join_all, wait_until
+from .helpers import Context, join_all, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -150,6 +151,7 @@ def test_a_task_that_returns_without_closing_does_not_hold_the_stream() -> None:
 def test_a_task_that_raises_without_closing_does_not_hold_the_stream(pool_kind: str) -> None:
     ctx = multiprocessing.get_context("forkserver")
     tx, rx = aioshm.open_channel[Any](capacity=8)
+    outcomes: list[Future[None]] | list[ApplyResult[None]]
     if pool_kind == "executor":
         executor = ProcessPoolExecutor(1, mp_context=ctx)
         outcomes = [executor.submit(w.send_and_raise, tx.clone(), task) for task in range(3)]
@@ -165,7 +167,7 @@ def test_a_task_that_raises_without_closing_does_not_hold_the_stream(pool_kind: 
     assert sorted(got) == [(0, 0), (1, 0), (2, 0)]
     for outcome in outcomes:
         with pytest.raises(ValueError, match="failed"):
-            outcome.result(60) if pool_kind == "executor" else outcome.get(60)  # type: ignore[union-attr]
+            outcome.result(60) if isinstance(outcome, Future) else outcome.get(60)
     if pool_kind == "executor":
         executor.shutdown()
     else:
@@ -320,7 +322,7 @@ def test_queue_hand_off_with_the_parents_early_close(method: str) -> None:
 
 
 def _queue_hand_off_with_the_parents_early_close(method: str) -> None:
-    ctx = multiprocessing.get_context(method)
+    ctx = cast(Context, multiprocessing.get_context(method))
     count = 50
     queue, results = ctx.Queue(), ctx.Queue()
     tx, rx = aioshm.open_channel[Any](capacity=64)
