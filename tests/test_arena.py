@@ -9,12 +9,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 import aioshm
 from aioshm import _arena
+
+from .helpers import Context
 
 
 def _arena_maps() -> set[str]:
@@ -121,12 +123,14 @@ def _hold_and_write(value: Any, ready: Any, go: Any, result: Any) -> None:
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_a_block_a_child_still_uses_is_not_handed_to_a_new_object(method: str) -> None:
-    ctx = multiprocessing.get_context(method)
+    ctx = cast(Context, multiprocessing.get_context(method))
     ready_r, ready_w = ctx.Pipe(duplex=False)
     go_r, go_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     old = aioshm.Value("q", 41)
-    child = ctx.Process(target=_hold_and_write, args=(old, ready_w, go_r, result_w))
+    child: multiprocessing.process.BaseProcess = ctx.Process(
+        target=_hold_and_write, args=(old, ready_w, go_r, result_w)
+    )
     child.start()
     assert ready_r.recv() == 41
     del old
@@ -183,7 +187,7 @@ def _kill_holding(lock: Any) -> None:
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_neighbours_in_an_arena_are_independent(method: str) -> None:
-    ctx = multiprocessing.get_context(method)
+    ctx = cast(Context, multiprocessing.get_context(method))
     a, b = aioshm.Lock(), aioshm.Lock()
     assert _where(a)[0] == _where(b)[0]
     child = ctx.Process(target=_kill_holding, args=(a,))
@@ -215,8 +219,8 @@ def test_a_large_array_gets_an_arena_of_its_own(method: str) -> None:
     small = aioshm.Value("q")
     large = aioshm.Array("d", 300_000)  # 2.4 MB: more than an arena block may be
     assert _where(large)[0] != _where(small)[0]
-    assert large._segment._owner.size < 2 * 300_000 * 8
-    child = multiprocessing.get_context(method).Process(target=_fill, args=(large,))
+    assert cast(_arena.Arena, large._segment._owner).size < 2 * 300_000 * 8
+    child = cast(Context, multiprocessing.get_context(method)).Process(target=_fill, args=(large,))
     child.start()
     child.join(30)
     assert child.exitcode == 0
@@ -238,7 +242,7 @@ def test_a_view_outliving_its_array_keeps_its_memory() -> None:
 
 def test_an_arena_received_twice_is_mapped_once() -> None:
     value = aioshm.Value("q")
-    arena = value._segment._owner
+    arena = cast(_arena.Arena, value._segment._owner)
     fds = _fds()
     again = _arena._attach_arena(os.dup(arena.fd), arena.uid)
     assert again is arena

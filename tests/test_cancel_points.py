@@ -80,7 +80,7 @@ async def send_loan() -> AsyncIterator[Case]:
                 pass
 
         def happened() -> bool:
-            stats = rx.statistics()
+            stats: aioshm.ChannelStatistics = rx.statistics()
             return stats.current_buffer_used != 0 or stats.free_slots != 4
 
         yield Case(op, happened)
@@ -119,7 +119,7 @@ async def recv_view() -> AsyncIterator[Case]:
 async def recv_into() -> AsyncIterator[Case]:
     async for _tx, rx in _filled(np.arange(4.0)):
         out = np.zeros(4)
-        yield Case(lambda: rx.recv_into(out), lambda: _buffered(rx) != 1 or out.any())
+        yield Case(lambda: rx.recv_into(out), lambda: _buffered(rx) != 1 or bool(out.any()))
 
 
 @case

@@ -28,7 +28,10 @@ def test_open_channel_validates_sizes() -> None:
         aioshm.open_channel(capacity=2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         aioshm.open_channel(capacity=True)
-    tx, rx = aioshm.open_channel(capacity=np.int64(2), max_message_size=np.prod((8, 8)))
+    tx, rx = aioshm.open_channel[Any](
+        capacity=np.int64(2),  # type: ignore[arg-type]
+        max_message_size=np.prod((8, 8)),  # type: ignore[arg-type]
+    )
     assert tx.statistics().max_buffer_size == 2
     assert type(tx.statistics().max_message_size) is int
     tx.close()
@@ -275,7 +278,7 @@ async def test_fast_path_yields_to_other_tasks() -> None:
         start = ticks
         for i in range(4000):
             await tx.send(i)
-        assert ticks - start >= 4000 // aioshm._channel.YIELD_EVERY - 1
+        assert ticks - start >= 4000 // aioshm._checkpoint.YIELD_EVERY - 1
         tg.cancel_scope.cancel()
 
 
@@ -285,14 +288,14 @@ def test_float_channel_validates_input() -> None:
         with pytest.raises(ValueError, match="more than this channel's maxsize of 4"):
             ch.send_blocking([1.0] * 5)
         with pytest.raises(TypeError):
-            ch.send_blocking(["a", "b"])
+            ch.send_blocking(["a", "b"])  # type: ignore[list-item]
         with pytest.raises(TypeError):
             ch.send_blocking("abc")  # type: ignore[arg-type]
         with pytest.raises(TypeError):
-            ch.send_blocking([object()])
+            ch.send_blocking([object()])  # type: ignore[list-item]
         with pytest.raises(ValueError, match="one-dimensional"):
             ch.send_blocking([[1.0], [2.0]])  # type: ignore[list-item]
-        ch.send_blocking((1, 2.5, np.float32(3)))
+        ch.send_blocking((1, 2.5, np.float32(3)))  # type: ignore[arg-type]
         assert ch.recv_blocking(timeout=1) == [1.0, 2.5, 3.0]
     finally:
         ch.close()

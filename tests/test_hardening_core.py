@@ -57,7 +57,7 @@ def _fds() -> int:
 
 @pytest.mark.parametrize("size", [100, LOCKED_COPY_LIMIT + 1000], ids=["small", "large"])
 def test_an_undecodable_message_is_dropped_and_the_rest_flow(size: int) -> None:
-    tx, rx = aioshm.open_channel(4, 2 * LOCKED_COPY_LIMIT)
+    tx, rx = aioshm.open_channel[Any](4, 2 * LOCKED_COPY_LIMIT)
     with tx, rx:
         tx.send_nowait("before")
         tx.send_nowait(Unloadable(b"p" * size))
@@ -94,8 +94,8 @@ def test_a_class_the_receiver_cannot_import_is_dropped_there(size: int) -> None:
     exec("class Local:\n    def __init__(self, data):\n        self.data = data\n", module.__dict__)
     sys.modules[module.__name__] = module
     try:
-        tx, rx = aioshm.open_channel(4, 2 * LOCKED_COPY_LIMIT)
-        report_tx, report_rx = aioshm.open_channel(1)
+        tx, rx = aioshm.open_channel[Any](4, 2 * LOCKED_COPY_LIMIT)
+        report_tx, report_rx = aioshm.open_channel[Any](1)
         child = multiprocessing.get_context("spawn").Process(
             target=_receive_and_report, args=(rx, report_tx)
         )
@@ -120,7 +120,7 @@ def test_a_class_the_receiver_cannot_import_is_dropped_there(size: int) -> None:
 
 def test_recv_many_keeps_the_good_messages_of_a_batch() -> None:
     async def main() -> None:
-        tx, rx = aioshm.open_channel(8)
+        tx, rx = aioshm.open_channel[Any](8)
         with tx, rx:
             for item in ("a", Unloadable(b"x"), "b", Unloadable(b"y"), "c"):
                 tx.send_nowait(item)
@@ -141,7 +141,7 @@ def test_recv_many_keeps_the_good_messages_of_a_batch() -> None:
 
 
 def test_deferred_actions_run_in_the_thread_that_deferred_them() -> None:
-    tx, rx = aioshm.open_channel(2)
+    tx, rx = aioshm.open_channel[Any](2)
     queue = tx._queue
     ran: list[tuple[str, int]] = []
 
@@ -181,7 +181,7 @@ def test_keyboard_interrupts_never_leave_the_mutex_held() -> None:
     thread loops through critical sections; afterwards another process still gets the
     mutex, and the queue's counts are intact."""
     assert threading.current_thread() is threading.main_thread()
-    tx, rx = aioshm.open_channel(8, 256)
+    tx, rx = aioshm.open_channel[Any](8, 256)
     arrived = threading.Event()
     stop = threading.Event()
     target = 300
@@ -292,7 +292,7 @@ def test_a_nested_critical_section_fails_and_the_outer_one_releases() -> None:
 def test_a_malformed_loan_is_refused_before_anything_is_claimed(
     shape: Any, dtype: Any, error: type[Exception]
 ) -> None:
-    tx, rx = aioshm.open_channel(2, 1024)
+    tx, rx = aioshm.open_channel[Any](2, 1024)
     with tx, rx:
         with pytest.raises(error), tx.send_loan_blocking(shape, dtype, timeout=1):
             pass
@@ -317,7 +317,7 @@ def test_a_refused_huge_page_hint_does_not_fail_the_open(monkeypatch: pytest.Mon
     # on a kernel without transparent huge pages.
     monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF, raising=False)
     before = _fds()
-    tx, rx = aioshm.open_channel(1, 4 << 20)
+    tx, rx = aioshm.open_channel[bytes](1, 4 << 20)
     with tx, rx:
         tx.send_nowait(b"x" * (3 << 20))
         assert rx.recv_nowait() == b"x" * (3 << 20)
@@ -338,7 +338,7 @@ def test_a_failed_open_leaks_no_descriptor() -> None:
 
 def test_dtype_metadata_does_not_leak_through_the_caches() -> None:
     tagged = np.dtype(np.float64, metadata={"unit": "m"})
-    tx, rx = aioshm.open_channel(4, 1024)
+    tx, rx = aioshm.open_channel[np.ndarray[Any, Any]](4, 1024)
     with tx, rx:
         tx.send_nowait(np.zeros(3, dtype=tagged))
         tx.send_nowait(np.zeros(3))
@@ -376,7 +376,7 @@ class _ClosingMessage:
             self.seen.append("end")
 
 
-def _read(message: memoryview, owned: bool) -> bytes:
+def _read(message: memoryview | bytearray, owned: bool) -> bytes:
     return bytes(message)
 
 
@@ -398,7 +398,7 @@ def test_no_message_comes_after_end_of_stream() -> None:
     failed recv_into does that): until it is settled, the end is not declared."""
 
     async def main() -> None:
-        tx, rx = aioshm.open_channel(4)
+        tx, rx = aioshm.open_channel[np.ndarray[Any, Any]](4)
         with rx:
             tx.send_nowait(np.arange(3.0))
             tx.close()
@@ -464,7 +464,7 @@ def _slot_of_head(queue: SlotQueue) -> int:
 
 
 def test_a_bytes_length_that_disagrees_with_the_slot_is_not_truncated() -> None:
-    tx, rx = aioshm.open_channel(2, 1024)
+    tx, rx = aioshm.open_channel[bytes](2, 1024)
     with tx, rx:
         tx.send_nowait(b"0123456789")
         tx.send_nowait(b"next")
@@ -481,7 +481,7 @@ def test_a_bytes_length_that_disagrees_with_the_slot_is_not_truncated() -> None:
 
 
 def test_a_place_outside_the_slot_is_refused() -> None:
-    tx, rx = aioshm.open_channel(2, 64)
+    tx, rx = aioshm.open_channel[bytes](2, 64)
     with tx, rx:
         tx.send_nowait(b"abc")
         tx.send_nowait(b"next")
@@ -497,7 +497,7 @@ def test_a_place_outside_the_slot_is_refused() -> None:
 
 def test_recv_view_drops_a_truncated_array_header() -> None:
     async def main() -> None:
-        tx, rx = aioshm.open_channel(2, 64)
+        tx, rx = aioshm.open_channel[np.ndarray[Any, Any]](2, 64)
         with tx, rx:
             tx.send_nowait(np.arange(3.0))
             tx.send_nowait(np.arange(2.0))
@@ -518,7 +518,7 @@ def test_recv_view_drops_a_truncated_array_header() -> None:
 
 
 def test_a_corrupt_ring_entry_is_dropped_once() -> None:
-    tx, rx = aioshm.open_channel(4, 64)
+    tx, rx = aioshm.open_channel[str](4, 64)
     with tx, rx:
         tx.send_nowait("a")
         tx.send_nowait("b")
@@ -625,7 +625,7 @@ def _fuzz_one(
     assert stats.free_slots == stats.max_buffer_size, stats
 
 
-_fuzz_channel = aioshm.open_channel(4, 512)
+_fuzz_channel = aioshm.open_channel[Any](4, 512)
 
 
 async def _view_once(rx: aioshm.ReceiveChannel[Any]) -> None:
@@ -720,7 +720,7 @@ def test_trio_keyboard_interrupts_never_leave_the_mutex_held() -> None:
     """trio delivers Ctrl-C as a KeyboardInterrupt raised at once in code it does not
     protect (aioshm's), or at its next checkpoint: either way the mutex is free after."""
     trio = pytest.importorskip("trio")
-    tx, rx = aioshm.open_channel(8, 256)
+    tx, rx = aioshm.open_channel[np.ndarray[Any, Any]](8, 256)
     item = np.arange(10.0)
     rng = random.Random(5)
 

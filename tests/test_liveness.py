@@ -271,7 +271,7 @@ def idle_receiver(
         reads[0] += 1
         return original(pid)
 
-    _procs._read_stat = counting  # type: ignore[assignment]
+    _procs._read_stat = counting
 
     async def main() -> Any:
         async with rx:
@@ -297,7 +297,7 @@ def _start_idle(
     the send handle); returns them, the send handle and the report receiver."""
     tx, rx = aioshm.open_channel[Any](capacity=max(count, 1), max_message_size=64)
     report_tx, report_rx = aioshm.open_channel[Any](capacity=count + extra, max_message_size=256)
-    procs = [
+    procs: list[multiprocessing.process.BaseProcess] = [
         FORK.Process(target=idle_receiver, args=(rx, report_tx, backend), daemon=True)
         for _ in range(count)
     ]

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -264,7 +265,7 @@ def test_memfd_memory_counts_in_the_memory_cgroup_not_in_dev_shm() -> None:
 def test_a_creation_failing_after_the_mapping_unmaps(monkeypatch: pytest.MonkeyPatch) -> None:
     # Fault injection: the mutex cannot be constructed once the memory is mapped.
     import aioshm
-    from aioshm import _layout
+    from aioshm import _posix
 
     def refuse(addr: int) -> None:
         raise OSError(errno.EINVAL, "pthread_mutex_init: injected")
@@ -278,7 +279,7 @@ def test_a_creation_failing_after_the_mapping_unmaps(monkeypatch: pytest.MonkeyP
             ]
 
     before = sorted(os.listdir("/proc/self/fd")), maps()
-    monkeypatch.setattr(_layout.RobustMutex, "initialize", staticmethod(refuse))
+    monkeypatch.setattr(_posix.RobustMutex, "initialize", staticmethod(refuse))
     try:
         aioshm.open_channel(capacity=2, max_message_size=1 << 20)
     except OSError as exc:
@@ -316,7 +317,7 @@ def test_more_than_the_machine_has_is_refused_up_front() -> None:
     before = sorted(os.listdir("/proc/self/fd"))
     for make in (
         lambda: reserve_shared_memory(1 << 46),
-        lambda: aioshm.open_channel(4, 1 << 44),
+        lambda: aioshm.open_channel[Any](4, 1 << 44),
         lambda: aioshm.Array("b", 1 << 46),
     ):
         with pytest.raises(OSError, match="available") as caught:

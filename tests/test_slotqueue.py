@@ -29,7 +29,7 @@ class Raw:
         slot[self.start : self.length] = self.data
 
 
-def read(message: memoryview, owned: bool) -> bytes:
+def read(message: memoryview | bytearray, owned: bool) -> bytes:
     return bytes(message)
 
 
@@ -113,7 +113,7 @@ def test_large_messages_are_copied_outside_the_mutex() -> None:
     queue.try_put(me, Probe(b"b" * big))
     assert seen == [True, False]
 
-    def probing_read(message: memoryview, owned: bool) -> tuple[bool, bool, int]:
+    def probing_read(message: memoryview | bytearray, owned: bool) -> tuple[bool, bool, int]:
         return owned, mutex_held(queue), len(message)
 
     assert queue.try_get(me, probing_read) == (True, False, 10)
@@ -138,7 +138,7 @@ def test_reader_interrupted_puts_a_large_message_back() -> None:
     queue, me = make(capacity=1, size=big)
     queue.try_put(me, Raw(b"z" * big))
 
-    def interrupted(message: memoryview, owned: bool) -> bytes:
+    def interrupted(message: memoryview | bytearray, owned: bool) -> bytes:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

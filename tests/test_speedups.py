@@ -21,7 +21,7 @@ import pytest
 
 import aioshm
 from aioshm import _layout, _posix, _slotqueue
-from aioshm._codec import decode, encode
+from aioshm._codec import _Image, decode, encode
 from aioshm._slotqueue import SlotQueue
 
 from .helpers import mutex_held
@@ -35,7 +35,7 @@ needs_c = pytest.mark.skipif(_slotqueue.speedups is None, reason="the C hot path
 def test_the_extension_is_loaded_unless_forced_off() -> None:
     """A normal install (a C compiler at hand, as in CI) must run the C hot path; with
     AIOSHM_PURE_PYTHON=1 it must not."""
-    tx, rx = aioshm.open_channel(4, 64)
+    tx, rx = aioshm.open_channel[Any](4, 64)
     with tx, rx:
         if PURE:
             assert _slotqueue.speedups is None
@@ -55,7 +55,7 @@ def test_the_environment_variable_forces_the_pure_python_path() -> None:
 
 def _built() -> bool:
     try:
-        from aioshm import _speedups  # type: ignore[attr-defined]  # noqa: F401
+        from aioshm import _speedups  # noqa: F401
     except ImportError:
         return False
     return True
@@ -285,7 +285,9 @@ def test_the_c_path_stands_aside_while_the_mutex_is_held() -> None:
     me = queue.register((1, 1))
     queue.try_put(me, encode(b"x", 256))
     fast = queue._fast
+    assert fast is not None
     image = encode(b"y", 256)
+    assert isinstance(image, _Image)
     before = _state(queue)
     queue._mutex.acquire()
     try:
@@ -300,7 +302,9 @@ def test_the_c_path_stands_aside_while_the_mutex_is_held() -> None:
 
 
 def fast_fallback() -> int:
-    return int(_slotqueue.speedups.FALLBACK)
+    speedups = _slotqueue.speedups
+    assert speedups is not None
+    return int(speedups.FALLBACK)
 
 
 @needs_c
@@ -311,6 +315,7 @@ def test_the_c_path_stands_aside_for_a_corrupt_ring_and_python_repairs() -> None
     queue.try_put(me, encode(b"b", 256))
     queue._ring[queue._ctl[_layout.HEAD] % 4] = 99  # not a slot
     before = _state(queue)
+    assert queue._fast is not None
     assert queue._fast.get() == fast_fallback()
     assert _state(queue) == before
     with pytest.raises(aioshm.MessageDropped):
@@ -346,6 +351,7 @@ def test_a_batch_ends_its_prefix_at_a_message_that_is_not_one_image() -> None:
     me = queue.register((1, 1))
     batch = [encode(x, 256) for x in (b"a", {"oob": np.arange(3)}, b"c")]
     assert not hasattr(batch[1], "image")
+    assert queue._fast is not None
     assert queue._fast.put_many(batch, 1) == (fast_fallback(), 0)
     assert queue.try_put_many(me, batch) == 1
     assert queue.try_put_many(me, batch, 1) == 2
@@ -362,6 +368,7 @@ def test_no_collection_runs_while_the_c_path_holds_the_mutex() -> None:
     queue = SlotQueue.create(8, 256)
     queue.register((1, 1))  # both sides open
     fast = queue._fast
+    assert fast is not None
     addr = queue.segment.mutex.ptr
     seen: list[int] = []
 
@@ -373,6 +380,7 @@ def test_no_collection_runs_while_the_c_path_holds_the_mutex() -> None:
             seen.append(code)
 
     images = [encode(bytes([i]), 256) for i in range(8)]
+    assert isinstance(images[0], _Image)
     # An object taken from a free list does not count towards a collection, and a freed
     # one takes its count back: empty the free lists of tuples and lists, keep everything.
     ballast = [(i, -i) for i in range(5000)] + [[i] for i in range(500)]
@@ -475,7 +483,7 @@ def test_a_process_with_the_extension_and_one_without_share_a_channel(
     ctx = multiprocessing.get_context("spawn")
     monkeypatch.setenv("AIOSHM_PURE_PYTHON", "1" if child_pure else "0")
     n = 2000
-    tx, rx = aioshm.open_channel(2, 128)
+    tx, rx = aioshm.open_channel[Any](2, 128)
     sender = ctx.Process(target=_child_sends, args=(tx, n))
     with tx:
         sender.start()
@@ -488,7 +496,7 @@ def test_a_process_with_the_extension_and_one_without_share_a_channel(
     sender.join(30)
     assert sender.exitcode == 0
 
-    tx, rx = aioshm.open_channel(2, 128)
+    tx, rx = aioshm.open_channel[Any](2, 128)
     mine, theirs = ctx.Pipe()
     receiver = ctx.Process(target=_child_receives, args=(rx, theirs, n))
     with rx:
@@ -538,7 +546,7 @@ def test_batches_cross_between_a_process_with_the_extension_and_one_without(
     ctx = multiprocessing.get_context("spawn")
     monkeypatch.setenv("AIOSHM_PURE_PYTHON", "1" if child_pure else "0")
     n = 600
-    tx, rx = aioshm.open_channel(2, 256)
+    tx, rx = aioshm.open_channel[Any](2, 256)
     sender = ctx.Process(target=_child_sends_batches, args=(tx, n))
     with tx:
         sender.start()
@@ -570,7 +578,11 @@ def test_threads_on_both_paths_share_a_queue() -> None:
 
     def produce(q: SlotQueue, tag: bytes) -> None:
         for i in range(n):
-            q.block(0, lambda i=i: q.try_put(me, encode(tag + str(i).encode(), 128)), 30)
+
+            def attempt(i: int = i) -> None:
+                q.try_put(me, encode(tag + str(i).encode(), 128))
+
+            q.block(0, attempt, 30)
 
     def consume(q: SlotQueue) -> None:
         for _ in range(n):

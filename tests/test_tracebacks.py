@@ -14,7 +14,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -212,7 +212,7 @@ def test_trio_too_slow_has_no_wouldblock_context(name: str) -> None:
                 with trio.fail_after(0.05):
                     await OPS[name](tx, rx)
             except trio.TooSlowError as exc:
-                return exc
+                return cast(BaseException, exc)
             raise AssertionError("no timeout")
 
     assert_no_wouldblock(trio.run(main))
@@ -228,7 +228,7 @@ def test_native_asyncio_has_no_wouldblock_context(name: str, form: str) -> None:
                     async with asyncio.timeout(0.05):
                         await OPS[name](tx, rx)
                 elif form == "wait_for":
-                    await asyncio.wait_for(OPS[name](tx, rx), 0.05)  # type: ignore[arg-type]
+                    await asyncio.wait_for(OPS[name](tx, rx), 0.05)
                 else:
                     task = asyncio.ensure_future(OPS[name](tx, rx))
                     await until_waiting(rx, side)

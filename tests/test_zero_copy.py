@@ -6,15 +6,16 @@ from __future__ import annotations
 import multiprocessing
 import random
 import time
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
 import pytest
 
 import aioshm
+from aioshm._layout import Segment
 
-from .helpers import join_all
+from .helpers import Context, join_all
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -24,12 +25,12 @@ def address(array: np.ndarray[Any, Any]) -> int:
 
 
 def inside_segment(channel: Any, array: np.ndarray[Any, Any]) -> bool:
-    segment = channel._queue.segment
+    segment: Segment = channel._queue.segment
     return segment.address <= address(array) < segment.address + segment.layout.size
 
 
 def intact(channel: Any) -> bool:
-    stats = channel.statistics()
+    stats: aioshm.ChannelStatistics = channel.statistics()
     return stats.free_slots == stats.max_buffer_size and stats.slots_in_use == 0
 
 
@@ -388,7 +389,7 @@ def _fill_loans(tx: aioshm.SendChannel[Any], count: int) -> None:
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_loans_across_processes(method: str) -> None:
-    ctx = multiprocessing.get_context(method)
+    ctx = cast(Context, multiprocessing.get_context(method))
     tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=512 * 512)
     child = ctx.Process(target=_fill_loans, args=(tx, 20))
     child.start()

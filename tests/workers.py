@@ -262,11 +262,11 @@ def die_copying_out(rx: aioshm.ReceiveChannel[Any], ready: aioshm.SendChannel[An
     (done with the mutex free): signal, and wait to be killed there."""
     from aioshm import _channel
 
-    def stuck(message: memoryview, owned: bool) -> Any:
+    def stuck(message: memoryview | bytearray, owned: bool) -> Any:
         ready.send_blocking("ready", timeout=10)
         time.sleep(3600)
 
-    _channel.decode = stuck  # type: ignore[assignment]
+    _channel.decode = stuck  # type: ignore[attr-defined]
     rx.recv_blocking(timeout=10)
 
 
