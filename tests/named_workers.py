@@ -58,7 +58,7 @@ def count(name: str, times: str) -> None:
     not to exclude the other processes, their increments would overlap and be lost)."""
 
     async def main() -> None:
-        value = aioshm.Value.connect(name, "q")
+        value = aioshm.SynchronizedValue.connect(name, "q")
         say("ready")
         for _ in range(int(times)):
             async with value.get_lock():

@@ -162,7 +162,7 @@ def test_a_semaphore_joined_by_name_keeps_its_value() -> None:
 def test_value_and_array_by_name_with_their_type_checked() -> None:
     name = fresh()
     value = aioshm.Value("d", 1.5, name=name)
-    joined = aioshm.Value.connect(name)
+    joined = aioshm.Value.connect(name)  # type: ignore[attr-defined]  # the alias
     assert joined.value == 1.5 and joined.name == name
     assert aioshm.SynchronizedValue.connect == aioshm.Value.connect  # type: ignore[attr-defined]
     joined.value = 2.5
@@ -236,7 +236,7 @@ def test_a_named_value_passed_to_a_child_works_there_and_stays_the_parents(
     join_all([child])
     assert value.value == 50
     assert exists(name)  # the child's exit gave back only what it held: the parent's
-    joined = aioshm.Value.connect(name)  # handle still holds the name
+    joined = aioshm.SynchronizedValue.connect(name)  # handle still holds the name
     assert [row.pid for row in joined.get_lock()._state.table()] == [os.getpid()]
     value.close()
     joined.close()
