@@ -28,6 +28,7 @@ import functools
 import numbers
 import os
 import sys
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
@@ -565,6 +566,34 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
                 _note_partial(exc, sent)
             raise
 
+    def send_many_blocking(self, items: Iterable[T_contra], timeout: float | None = None) -> None:
+        """The blocking form of :meth:`send_many`, for code with no event loop: waits
+        in the calling thread, up to ``timeout`` seconds in all.
+
+        :raises TimeoutError: the batch did not all fit in time; the items of the rounds
+            already done stay sent, and the exception carries their number (see
+            :func:`aioshm.items_sent`)
+
+        Otherwise raises as :meth:`send_many`.
+        """
+        if not self._usable:
+            self._raise_unusable()
+        limit = self._limit
+        batch = [encode(item, limit) for item in items]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent = 0
+        try:
+            while sent < len(batch):
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    sent += self._block(functools.partial(self._put_many, batch, sent), left)
+                except TimeoutError:
+                    raise TimeoutError(f"timed out after {timeout} s") from None
+        except BaseException as exc:
+            if sent:
+                _note_partial(exc, sent)
+            raise
+
     def _put_many(self, batch: Sequence[Message], start: int) -> int:
         if not self._usable:
             self._raise_unusable()
@@ -802,6 +831,18 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             pass
         return await self._hub.retry(attempt, self)
 
+    def recv_many_blocking(self, max_items: int, timeout: float | None = None) -> list[T_co]:
+        """The blocking form of :meth:`recv_many`, for code with no event loop.
+
+        :raises TimeoutError: nothing arrived within ``timeout`` seconds (nothing was
+            received)
+
+        Otherwise raises as :meth:`recv_many`.
+        """
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, not {max_items}")
+        return self._block(functools.partial(self._get_many, max_items), timeout)  # type: ignore[no-any-return]
+
     def _get_many(self, max_items: int) -> list[T_co]:
         if not self._usable:
             self._raise_unusable()
@@ -832,6 +873,17 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         if cancelled there, nothing was received.
         """
         return _View(self)
+
+    def recv_view_blocking(self, timeout: float | None = None) -> _View:
+        """The blocking form of :meth:`recv_view`: ``with rx.recv_view_blocking() as
+        arr:``, for code with no event loop.
+
+        :raises TimeoutError: nothing arrived within ``timeout`` seconds (nothing was
+            received, nothing is held)
+
+        Otherwise raises as :meth:`recv_view`.
+        """
+        return _View(self, timeout)
 
     def views(self) -> _Views:
         """Iterate over array messages without copying them:
@@ -864,7 +916,22 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
         Cancellation: if cancelled, nothing was received.
         """
         await self._tick()
-        slot, message = await self._take_waiting()
+        return self._copy_out(await self._take_waiting(), out)
+
+    def recv_into_blocking(self, out: Array, timeout: float | None = None) -> Array:
+        """The blocking form of :meth:`recv_into`, for code with no event loop.
+
+        :raises TimeoutError: nothing arrived within ``timeout`` seconds (nothing was
+            received)
+
+        Otherwise raises as :meth:`recv_into`.
+        """
+        return self._copy_out(self._block(self._take, timeout), out)
+
+    def _copy_out(self, taken: tuple[int, memoryview], out: Array) -> Array:
+        """Copy the taken message into ``out`` and release its slot; on a mismatch, put
+        it back at the head of the channel."""
+        slot, message = taken
         try:
             copy_into(message, out)
         except CorruptMessage as exc:
@@ -892,25 +959,39 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 class _View:
     """A received message held in its slot (see :meth:`ReceiveChannel.recv_view`)."""
 
-    def __init__(self, rx: ReceiveChannel[Any]) -> None:
+    def __init__(self, rx: ReceiveChannel[Any], timeout: float | None = None) -> None:
         self._rx = rx
+        self._timeout = timeout
         self._slot = -1
 
-    async def __aenter__(self) -> Array:
-        rx = self._rx
-        await rx._tick()
-        slot, message = await rx._take_waiting()
+    def _open(self, taken: tuple[int, memoryview]) -> Array:
+        slot, message = taken
         try:
             array = view(message)
         except CorruptMessage as exc:
-            rx._queue.drop(slot, exc)
+            self._rx._queue.drop(slot, exc)
         except BaseException:
-            rx._queue.put_back(slot)
+            self._rx._queue.put_back(slot)
             raise
         self._slot = slot
         return array
 
+    async def __aenter__(self) -> Array:
+        await self._rx._tick()
+        return self._open(await self._rx._take_waiting())
+
     async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self._release()
+
+    def __enter__(self) -> Array:
+        return self._open(self._rx._block(self._rx._take, self._timeout))
+
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc_val: BaseException | None,

@@ -208,6 +208,27 @@ async def test_many(server: LocalServer) -> None:
             await rx.recv_many(0)
 
 
+def test_blocking_batches(server: LocalServer) -> None:
+    tx, rx = aioshm.open_channel[int](name=channel_url(server), capacity=2)
+    with tx, rx:
+        with pytest.raises(TimeoutError) as caught:
+            tx.send_many_blocking([1, 2, 3], timeout=0.5)  # the third finds no room
+        assert aioshm.items_sent(caught.value) == 2
+        got: list[int] = []
+        while len(got) < 2:
+            got += rx.recv_many_blocking(8, timeout=10)
+        assert got == [1, 2]
+        with pytest.raises(TimeoutError):
+            rx.recv_many_blocking(8, timeout=0.3)  # the third was not sent
+        with pytest.raises(ValueError, match="max_items"):
+            rx.recv_many_blocking(0)
+        tx.send_many_blocking([4, 5], timeout=10)
+        got = []
+        while len(got) < 2:
+            got += rx.recv_many_blocking(8, timeout=10)
+        assert got == [4, 5]
+
+
 @pytest.mark.anyio
 async def test_shared_memory_only_methods_say_so(server: LocalServer) -> None:
     tx, rx = aioshm.open_channel[Any](name=channel_url(server))
@@ -218,6 +239,12 @@ async def test_shared_memory_only_methods_say_so(server: LocalServer) -> None:
             rx.recv_view()
         with pytest.raises(TypeError, match="shared-memory"):
             await rx.recv_into(np.zeros(4))
+        with pytest.raises(TypeError, match="shared-memory"):
+            tx.send_loan_blocking(4)
+        with pytest.raises(TypeError, match="shared-memory"):
+            rx.recv_view_blocking(timeout=1)
+        with pytest.raises(TypeError, match="shared-memory"):
+            rx.recv_into_blocking(np.zeros(4), timeout=1)
 
 
 @pytest.mark.anyio

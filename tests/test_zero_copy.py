@@ -426,3 +426,79 @@ async def test_native_timeout_reports_a_partial_batch() -> None:
     assert await rx.recv_many(10) == [0, 1, 2]
     tx.close()
     rx.close()
+
+
+# ---------------------------------------------------------------- the blocking forms
+
+
+def _send_batches(tx: aioshm.SendChannel[Any], count: int) -> None:
+    """A child with no event loop: ``count`` 4 by 3 int64 arrays in batches of 8."""
+    with tx:
+        for start in range(0, count, 8):
+            batch = [np.full((4, 3), i, np.int64) for i in range(start, min(start + 8, count))]
+            tx.send_many_blocking(batch, timeout=30)
+
+
+def test_blocking_batch_view_and_into_forms_across_processes(ctx: Context) -> None:
+    """A child sends with ``send_many_blocking``; with no event loop either, the parent
+    takes the messages by ``recv_many_blocking``, ``recv_view_blocking`` and
+    ``recv_into_blocking`` in turn, in order, with nothing held after."""
+    tx, rx = aioshm.open_channel[np.ndarray[Any, Any]](capacity=4, max_message_size=1024)
+    child = ctx.Process(target=_send_batches, args=(tx, 60))
+    child.start()
+    tx.close()
+    seen: list[int] = []
+    out = np.empty((4, 3), np.int64)
+    with rx:
+        while True:
+            try:
+                for message in rx.recv_many_blocking(3, timeout=30):
+                    seen.append(int(message[0, 0]))
+                with rx.recv_view_blocking(timeout=30) as frame:
+                    assert inside_segment(rx, frame) and not frame.flags.writeable
+                    assert rx.statistics().slots_in_use == 1
+                    seen.append(int(frame[0, 0]))
+                assert rx.recv_into_blocking(out, timeout=30) is out
+                assert (out == out[0, 0]).all()
+                seen.append(int(out[0, 0]))
+            except anyio.EndOfStream:
+                break
+        assert intact(rx)
+    assert seen == list(range(60))
+    join_all([child])
+
+
+def test_blocking_forms_time_out_or_fail_having_taken_and_held_nothing() -> None:
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=256)
+    with tx, rx:
+        with pytest.raises(TimeoutError):
+            rx.recv_many_blocking(4, timeout=0.05)
+        with pytest.raises(TimeoutError), rx.recv_view_blocking(timeout=0.05):
+            pytest.fail("entered a view of nothing")
+        with pytest.raises(TimeoutError):
+            rx.recv_into_blocking(np.empty(4), timeout=0.05)
+        with pytest.raises(ValueError, match="max_items"):
+            rx.recv_many_blocking(0)
+        assert intact(rx)
+
+        # A batch that does not all fit: the first round stays sent, and says so.
+        with pytest.raises(TimeoutError) as caught:
+            tx.send_many_blocking([np.arange(4.0), np.arange(4.0) + 1, "third"], timeout=0.05)
+        assert aioshm.items_sent(caught.value) == 2
+        # A mismatched out leaves the message at the head; a view left by an exception
+        # gives its slot back.
+        with pytest.raises(ValueError):
+            rx.recv_into_blocking(np.empty(5), timeout=1)
+        with pytest.raises(KeyError), rx.recv_view_blocking(timeout=1):
+            raise KeyError("the consumer's own error")
+        assert rx.statistics().slots_in_use == 0
+        got = np.empty(4)
+        assert np.array_equal(rx.recv_into_blocking(got, timeout=1), np.arange(4.0) + 1)
+        with pytest.raises(TimeoutError):
+            rx.recv_many_blocking(1, timeout=0.05)  # "third" never went
+        assert intact(rx)
+
+        # A bad item fails the batch at once, with nothing sent.
+        with pytest.raises(TypeError):
+            tx.send_many_blocking([1, lambda: 0], timeout=1)
+        assert tx.statistics().current_buffer_used == 0

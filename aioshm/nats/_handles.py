@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any, Generic, NoReturn, Self, TypeVar
@@ -347,6 +348,26 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
                 _note_partial(exc, sent)
             raise
 
+    def send_many_blocking(self, items: Iterable[T_contra], timeout: float | None = None) -> None:
+        """The blocking form of :meth:`send_many`, waiting up to ``timeout`` seconds in
+        all: on ``TimeoutError``, the items already sent stay sent, and the exception
+        carries their number."""
+        self._usable_link()
+        limit = self._max_message_size
+        for item in (items := list(items)):
+            encode_bytes(item, limit)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent = 0
+        try:
+            for item in items:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                self.send_blocking(item, left)
+                sent += 1
+        except BaseException as exc:
+            if sent:
+                _note_partial(exc, sent)
+            raise
+
     def send_loan(self, *args: object, **kwargs: object) -> NoReturn:
         """Raises ``TypeError``: shared-memory channels only."""
         raise TypeError(_SHARED_MEMORY_ONLY.format("send_loan", "send"))
@@ -454,10 +475,23 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             return self._decode(await self._wait(self._start(max_items)))
         return self._decode(await lane.receive(max_items, self._calls))
 
-    def recv_view(self) -> NoReturn:
+    def recv_many_blocking(self, max_items: int, timeout: float | None = None) -> list[T_co]:
+        """The blocking form of :meth:`recv_many`, waiting up to ``timeout`` seconds
+        (``TimeoutError``: nothing was received)."""
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, not {max_items}")
+        return self._decode(self._wait_blocking(self._start(max_items), timeout))
+
+    def recv_view(self, *args: object, **kwargs: object) -> NoReturn:
         """Raises ``TypeError``: shared-memory channels only."""
         raise TypeError(_SHARED_MEMORY_ONLY.format("recv_view", "recv"))
+
+    recv_view_blocking = recv_view
 
     async def recv_into(self, out: object) -> NoReturn:
         """Raises ``TypeError``: shared-memory channels only."""
         raise TypeError(_SHARED_MEMORY_ONLY.format("recv_into", "recv"))
+
+    def recv_into_blocking(self, out: object, timeout: float | None = None) -> NoReturn:
+        """Raises ``TypeError``: shared-memory channels only."""
+        raise TypeError(_SHARED_MEMORY_ONLY.format("recv_into_blocking", "recv_blocking"))
