@@ -17,20 +17,12 @@ from ._channel import (
     open_channel,
 )
 from ._child import run_child
+from ._condition import Condition, ConditionStatistics
+from ._event import Event, EventStatistics
 from ._float_channel import FloatChannel
+from ._lock import Lock, LockStatistics, RLock
+from ._semaphore import BoundedSemaphore, Semaphore, SemaphoreStatistics
 from ._slotqueue import CorruptMessage, MessageDropped
-from ._sync import (
-    BoundedSemaphore,
-    Condition,
-    ConditionStatistics,
-    Event,
-    EventStatistics,
-    Lock,
-    LockStatistics,
-    RLock,
-    Semaphore,
-    SemaphoreStatistics,
-)
 from ._values import Array, RawArray, RawValue, SynchronizedArray, SynchronizedValue, Value
 from ._wait import HubFailed
 

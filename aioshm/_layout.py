@@ -71,7 +71,7 @@ ENDED = 13  # 1 once a receiver was told the stream ended: final, no message com
 RECLAIMED = 14  # slots taken back from processes that died holding them
 REDELIVERED = 15  # messages put back because their receiver died reading them
 UID = 16
-# 17..21: the state of a lock, semaphore, event or condition (aioshm._sync).
+# 17..21: the state of a primitive (aioshm._lock, _semaphore, _event, _condition).
 SWEPT_AT = 22  # monotonic ns when the last liveness sweep began (one sweep per interval)
 SWEEPS = 24  # liveness sweeps done, by every process
 TIMED_OUT = 25  # sleeps on a bell that ended by timeout, in every process

@@ -30,9 +30,12 @@ from collections.abc import Callable
 from typing import Final
 
 from . import _names, _ownership
+from ._event import _EventState
 from ._layout import LENGTH, P_KIND, P_PID, PROC_FIELDS, TYPE_TAG, UID, Segment
+from ._lock import _LockState
+from ._primitive import _State
+from ._semaphore import _SemaphoreState
 from ._shared import _K_ACTIVE, RECV, SEND
-from ._sync import _EventState, _LockState, _SemaphoreState, _State
 
 __all__ = ["ARRAY", "EVENT", "LOCK", "RLOCK", "VALUE", "NamedState", "connect", "create"]
 

@@ -202,7 +202,7 @@ class Kind(NamedTuple):
 
 
 #: Every kind of named object, by the number its segment records in ``ctl[KIND]``.
-#: Channels are 0; the primitives register theirs (:mod:`aioshm._sync`).
+#: Channels are 0; the primitives register theirs (:mod:`aioshm._named_sync`).
 KINDS: dict[int, Kind] = {}
 
 

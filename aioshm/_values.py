@@ -23,8 +23,9 @@ import numpy as np
 
 from . import _arena
 from ._layout import Segment
+from ._lock import Lock, RLock
 from ._posix import supported
-from ._sync import Lock, RLock, _check_spawning
+from ._primitive import _check_spawning
 
 __all__ = ["Array", "RawArray", "RawValue", "SynchronizedArray", "SynchronizedValue", "Value"]
 

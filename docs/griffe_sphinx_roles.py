@@ -19,6 +19,7 @@ at, so that its parameters are documented against a signature.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -78,7 +79,9 @@ def _signature_from_new(cls: griffe.Class) -> None:
 
 
 def _resolve(name: str, obj: griffe.Object, pkg: griffe.Module) -> str | None:
-    """The path, as looked up, of what ``name`` names in the scope of ``obj``."""
+    """The path of what ``name`` names in the scope of ``obj``: as looked up, except that
+    a name imported from another module of the package is followed to where it is
+    defined (so ``Lock`` in ``aioshm._condition`` is ``aioshm._lock.Lock``)."""
     scopes: list[griffe.Object] = []
     scope: griffe.Object | None = obj
     while scope is not None:
@@ -86,24 +89,31 @@ def _resolve(name: str, obj: griffe.Object, pkg: griffe.Module) -> str | None:
             scopes.append(scope)
         scope = scope.parent
     for base in scopes:
-        if _lookup(base, name.split(".")):
-            return f"{base.path}.{name}"
-    if name.startswith(pkg.path + ".") and _lookup(pkg, name.split(".")[1:]):
+        found = _lookup(base, name.split("."))
+        if found is not None:
+            return found
+    if name.startswith(pkg.path + ".") and _lookup(pkg, name.split(".")[1:]) is not None:
         return name
     return None
 
 
-def _lookup(base: griffe.Object, parts: list[str]) -> bool:
+def _lookup(base: griffe.Object, parts: list[str]) -> str | None:
+    """The path of what ``parts`` name from ``base`` (see :func:`_resolve`), if anything."""
     current: Any = base
+    path = base.path
     for part in parts:
         try:
             members = current.all_members if current.is_class else current.members
         except griffe.AliasResolutionError:  # imported from another library
-            return True
+            return f"{path}.{part}"
         current = members.get(part)
         if current is None:
-            return False
-    return True
+            return None
+        path = f"{path}.{part}"
+        if current.is_alias and not current.inherited:  # imported: where it is defined
+            with contextlib.suppress(griffe.AliasResolutionError):  # another library's
+                path = current.canonical_path
+    return path
 
 
 def _public_path(path: str, public: dict[str, str]) -> str | None:

@@ -12,7 +12,7 @@ import anyio
 from anyio.lowlevel import checkpoint
 
 import aioshm
-from aioshm import _sync
+from aioshm import _lock
 
 #: Guard slots in the shared ``RawArray('q', GUARD_SLOTS)`` the storms use.
 INSIDE, MOST, VIOLATIONS, ENTERED = range(4)
@@ -356,8 +356,8 @@ def die_inside_critical_section(obj: Any, ready: aioshm.Event) -> None:
         state.held[entry] += 1  # the commit of a held acquire; the value is not lowered
     else:
         ctl = state.segment.ctl
-        ctl[_sync._L_OWNER] = -1
-        ctl[_sync._L_COUNT] = 1
-        ctl[_sync._L_ENTRY] = entry + 1
+        ctl[_lock._L_OWNER] = -1
+        ctl[_lock._L_COUNT] = 1
+        ctl[_lock._L_ENTRY] = entry + 1
     ready.set()
     time.sleep(60)

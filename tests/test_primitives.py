@@ -31,7 +31,7 @@ import pytest
 from anyio import WouldBlock
 
 import aioshm
-from aioshm import _sync
+from aioshm import _condition
 
 from . import primitive_workers as workers
 from .helpers import Context, join_all, shared_sleepers, wait_until
@@ -333,7 +333,7 @@ async def test_condition_cancellation_storm(ctx: Ctx) -> None:
     assert (stats.waiting, stats.granted, stats.tasks_waiting) == (0, 0, 0)
     assert stats.notified >= total
     assert not stats.lock_statistics.locked
-    assert cond._state.segment.ctl[_sync._C_TIDIED] == 0  # no leftovers had to be cleared
+    assert cond._state.segment.ctl[_condition._C_TIDIED] == 0  # no leftovers had to be cleared
 
 
 # ====================================================================== notify and cancel
