@@ -623,7 +623,9 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         :raises TypeError: at once, if a dimension is not an integer or the dtype holds
             Python objects
 
-        Nothing is claimed before the shape and dtype are checked.
+        Nothing is claimed before the shape and dtype are checked. Entered with a plain
+        ``with``, it raises ``TypeError`` (that would block the event loop's thread):
+        :meth:`send_loan_blocking` is the form for code with no event loop.
 
         On entering the block, raises as :meth:`send` does; on a normal exit,
         ``ClosedResourceError`` if this handle was closed meanwhile (nothing is sent).
@@ -631,7 +633,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         Cancellation: only entering is a cancellation point (the start, and the wait for
         a slot); if cancelled there, nothing is held.
         """
-        return _Loan(self, shape, dtype)
+        return _Loan(self, shape, dtype, blocking=False)
 
     def send_loan_blocking(
         self, shape: int | Sequence[int], dtype: Any = np.float64, timeout: float | None = None
@@ -644,12 +646,29 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
 
         Otherwise raises as :meth:`send_loan`.
         """
-        return _Loan(self, shape, dtype, timeout)
+        return _Loan(self, shape, dtype, blocking=True, timeout=timeout)
 
     def _claim_slot(self) -> int:
         if not self._usable:
             self._raise_unusable()
         return self._queue.claim(self._entry)
+
+
+def _check_form(blocking: bool, entered_blocking: bool, call: str) -> None:
+    """A loan or view entered by the form it was not made for raises ``TypeError``,
+    having taken nothing: ``with`` on the async form would block the event loop's
+    thread, and ``async with`` on the blocking form would drop its ``timeout``."""
+    if blocking == entered_blocking:
+        return
+    if entered_blocking:
+        raise TypeError(
+            f"{call}() is entered with `async with`: a plain `with` would block the event "
+            f"loop's thread. In code with no event loop, use `with {call}_blocking()`."
+        )
+    raise TypeError(
+        f"{call}_blocking() is entered with a plain `with`, in code with no event loop. "
+        f"On an event loop, use `async with {call}()`."
+    )
 
 
 class _Loan:
@@ -660,9 +679,12 @@ class _Loan:
         tx: SendChannel[Any],
         shape: int | Sequence[int],
         dtype: Any,
+        *,
+        blocking: bool,
         timeout: float | None = None,
     ) -> None:
         self._tx = tx
+        self._blocking = blocking
         self._dtype, self._shape, self._header, self._start, self._offset, self._length = (
             loan_layout(dtype, shape)
         )
@@ -698,6 +720,7 @@ class _Loan:
             queue.abandon(self._slot)
 
     async def __aenter__(self) -> Array:
+        _check_form(self._blocking, False, "tx.send_loan")
         tx = self._tx
         await tx._tick()
         try:
@@ -715,6 +738,7 @@ class _Loan:
         self._close(exc_type is None)
 
     def __enter__(self) -> Array:
+        _check_form(self._blocking, True, "tx.send_loan")
         return self._open(self._tx._block(self._tx._claim_slot, self._timeout))
 
     def __exit__(
@@ -865,14 +889,16 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
             :meth:`recv`)
 
         :raises TypeError: the next message is a pickled object; it stays at the head of
-            the channel for :meth:`recv`
+            the channel for :meth:`recv`. Also, having taken nothing, if it is entered
+            with a plain ``with``: :meth:`recv_view_blocking` is the form for code with
+            no event loop
 
         Otherwise raises as :meth:`recv` (``EndOfStream`` once the stream has ended).
 
         Cancellation: only entering is a cancellation point (the start, and the wait);
         if cancelled there, nothing was received.
         """
-        return _View(self)
+        return _View(self, blocking=False)
 
     def recv_view_blocking(self, timeout: float | None = None) -> _View:
         """The blocking form of :meth:`recv_view`: ``with rx.recv_view_blocking() as
@@ -883,7 +909,7 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 
         Otherwise raises as :meth:`recv_view`.
         """
-        return _View(self, timeout)
+        return _View(self, blocking=True, timeout=timeout)
 
     def views(self) -> _Views:
         """Iterate over array messages without copying them:
@@ -959,8 +985,11 @@ class ReceiveChannel(_Handle, ObjectReceiveStream[T_co], Generic[T_co]):
 class _View:
     """A received message held in its slot (see :meth:`ReceiveChannel.recv_view`)."""
 
-    def __init__(self, rx: ReceiveChannel[Any], timeout: float | None = None) -> None:
+    def __init__(
+        self, rx: ReceiveChannel[Any], *, blocking: bool, timeout: float | None = None
+    ) -> None:
         self._rx = rx
+        self._blocking = blocking
         self._timeout = timeout
         self._slot = -1
 
@@ -977,6 +1006,7 @@ class _View:
         return array
 
     async def __aenter__(self) -> Array:
+        _check_form(self._blocking, False, "rx.recv_view")
         await self._rx._tick()
         return self._open(await self._rx._take_waiting())
 
@@ -989,6 +1019,7 @@ class _View:
         self._release()
 
     def __enter__(self) -> Array:
+        _check_form(self._blocking, True, "rx.recv_view")
         return self._open(self._rx._block(self._rx._take, self._timeout))
 
     def __exit__(
@@ -1015,7 +1046,7 @@ class _Views:
 
     async def __anext__(self) -> Array:
         self.close()
-        held = _View(self._rx)
+        held = _View(self._rx, blocking=False)
         try:
             array = await held.__aenter__()
         except EndOfStream:

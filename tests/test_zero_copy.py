@@ -502,3 +502,27 @@ def test_blocking_forms_time_out_or_fail_having_taken_and_held_nothing() -> None
         with pytest.raises(TypeError):
             tx.send_many_blocking([1, lambda: 0], timeout=1)
         assert tx.statistics().current_buffer_used == 0
+
+
+@pytest.mark.anyio
+async def test_a_loan_or_view_entered_by_the_other_form_says_which_and_takes_nothing() -> None:
+    """``with`` on ``recv_view()``/``send_loan()`` would block the event loop's thread,
+    and ``async with`` on a blocking form would drop its timeout: both raise at once."""
+    tx, rx = aioshm.open_channel[Any](capacity=2, max_message_size=1024)
+    with tx, rx:
+        await tx.send(np.arange(4.0))
+        with pytest.raises(TypeError, match="would block the event loop"), rx.recv_view():
+            pytest.fail("entered")
+        with pytest.raises(TypeError, match=r"async with rx\.recv_view"):
+            async with rx.recv_view_blocking():
+                pytest.fail("entered")
+        with pytest.raises(TypeError, match="would block the event loop"), tx.send_loan(4):
+            pytest.fail("entered")
+        with pytest.raises(TypeError, match=r"async with tx\.send_loan"):
+            async with tx.send_loan_blocking(4):
+                pytest.fail("entered")
+        stats = rx.statistics()
+        assert (stats.current_buffer_used, stats.slots_in_use) == (1, 0)
+        async with rx.recv_view() as view:
+            assert np.array_equal(view, np.arange(4.0))
+        assert intact(rx)
