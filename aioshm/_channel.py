@@ -548,10 +548,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         closed while it waits).
         """
         await self._tick()
-        if not self._usable:
-            self._raise_unusable()
-        limit = self._limit
-        batch = [encode(item, limit) for item in items]
+        batch = self._encode_batch(items)
         sent = 0
         try:
             while sent < len(batch):
@@ -576,10 +573,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
 
         Otherwise raises as :meth:`send_many`.
         """
-        if not self._usable:
-            self._raise_unusable()
-        limit = self._limit
-        batch = [encode(item, limit) for item in items]
+        batch = self._encode_batch(items)
         deadline = None if timeout is None else time.monotonic() + timeout
         sent = 0
         try:
@@ -593,6 +587,13 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
             if sent:
                 _note_partial(exc, sent)
             raise
+
+    def _encode_batch(self, items: Iterable[T_contra]) -> list[Message]:
+        """Every item encoded, before anything is sent: a bad one fails the batch."""
+        if not self._usable:
+            self._raise_unusable()
+        limit = self._limit
+        return [encode(item, limit) for item in items]
 
     def _put_many(self, batch: Sequence[Message], start: int) -> int:
         if not self._usable:

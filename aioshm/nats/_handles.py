@@ -334,10 +334,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         """Send every item, in order (each is encoded first: a bad item fails the batch
         with nothing sent). If interrupted, the items already sent stay sent and the
         exception carries their number: see :func:`aioshm.items_sent`."""
-        self._usable_link()
-        limit = self._max_message_size
-        for item in (items := list(items)):
-            encode_bytes(item, limit)
+        items = self._checked_batch(items)
         sent = 0
         try:
             for item in items:
@@ -352,10 +349,7 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
         """The blocking form of :meth:`send_many`, waiting up to ``timeout`` seconds in
         all: on ``TimeoutError``, the items already sent stay sent, and the exception
         carries their number."""
-        self._usable_link()
-        limit = self._max_message_size
-        for item in (items := list(items)):
-            encode_bytes(item, limit)
+        items = self._checked_batch(items)
         deadline = None if timeout is None else time.monotonic() + timeout
         sent = 0
         try:
@@ -367,6 +361,15 @@ class SendChannel(_Handle, ObjectSendStream[T_contra], Generic[T_contra]):
             if sent:
                 _note_partial(exc, sent)
             raise
+
+    def _checked_batch(self, items: Iterable[T_contra]) -> list[T_contra]:
+        """The items as a list, each checked to encode, before anything is sent: a bad
+        one fails the batch."""
+        self._usable_link()
+        limit = self._max_message_size
+        for item in (checked := list(items)):
+            encode_bytes(item, limit)
+        return checked
 
     def send_loan(self, *args: object, **kwargs: object) -> NoReturn:
         """Raises ``TypeError``: shared-memory channels only."""
